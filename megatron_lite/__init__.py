@@ -1,0 +1,1 @@
+"""megatron-lite: Megatron-style tensor + sequence parallel GPT training, small enough to read."""

@@ -1,0 +1,114 @@
+"""The DP x TP process grid.
+
+Ranks are laid out as ``arange(world).view(dp, tp)``: TP is the innermost dimension, so the ranks of a
+TP group are consecutive (and share a node under torchrun), and a DP group joins the ranks with the same
+TP rank. Everything that needs a group receives this context explicitly; nothing is stored in module
+globals, so one process can build several layouts (the tests do).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class ParallelConfigError(ValueError):
+    """A layout that cannot be built; raised before any collective runs."""
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    tp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    tp_rank: int
+    tp_size: int
+    dp_rank: int
+    dp_size: int
+    rank: int
+    world_size: int
+    device: torch.device
+    grid: tuple[tuple[int, ...], ...]  # grid[d][t] = global rank with DP rank d and TP rank t
+
+    @property
+    def is_first_rank(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        tp_groups = ", ".join(str(list(row)) for row in self.grid)
+        dp_groups = ", ".join(str(list(col)) for col in zip(*self.grid))
+        return (f"DP={self.dp_size} x TP={self.tp_size} on {self.world_size} ranks ({self.device.type}); "
+                f"TP groups: {tp_groups}; DP groups: {dp_groups}")
+
+
+def check_world_size(world_size: int, tp_size: int) -> None:
+    if tp_size < 1:
+        raise ParallelConfigError(f"parallel.tp={tp_size} must be >= 1")
+    if world_size % tp_size:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by parallel.tp={tp_size}: launch a multiple of "
+            f"{tp_size} processes (--nproc_per_node) or pick a parallel.tp that divides {world_size}")
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Join the job torchrun (env://) describes; a plain `python` run becomes a world of one."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    device = default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def build_parallel_context(tp_size: int, device: torch.device | None = None) -> ParallelContext:
+    """Create the TP and DP groups of a DP x TP grid over the already initialized world.
+
+    Every rank must call this with the same tp_size (new_group is collective over the world)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    check_world_size(world, tp_size)
+    grid = torch.arange(world).view(world // tp_size, tp_size)
+    tp_group = dp_group = None
+    for row in grid.tolist():  # consecutive ranks: one TP group per DP rank
+        group = dist.new_group(row)
+        if rank in row:
+            tp_group = group
+    for col in grid.t().tolist():  # same TP rank across DP replicas
+        group = dist.new_group(col)
+        if rank in col:
+            dp_group = group
+    dp_rank, tp_rank = divmod(rank, tp_size)
+    return ParallelContext(
+        tp_group=tp_group, dp_group=dp_group, tp_rank=tp_rank, tp_size=tp_size, dp_rank=dp_rank,
+        dp_size=world // tp_size, rank=rank, world_size=world, device=device or default_device(),
+        grid=tuple(tuple(row) for row in grid.tolist()))
+
+
+def init_parallel(tp_size: int) -> ParallelContext:
+    """Initialize torch.distributed if needed (NCCL on CUDA, gloo otherwise) and build the grid.
+
+    The world-size check runs before the process group is created when torchrun has set WORLD_SIZE,
+    so a bad layout fails at once on every rank instead of hanging on a collective."""
+    check_world_size(int(os.environ.get("WORLD_SIZE", 1)), tp_size)
+    init_distributed()
+    return build_parallel_context(tp_size)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
