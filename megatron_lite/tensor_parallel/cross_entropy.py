@@ -1,0 +1,70 @@
+"""Cross-entropy over vocab-sharded logits, without gathering them (Shoeybi et al. 2019, section 3).
+
+Legend: `...` any leading shape (`[s, b]` in the GPT), Vt = V/T the vocabulary columns on this rank.
+
+Each rank holds logits for its block of the vocabulary. loss = log(sum_v exp(z_v - m)) - (z_target - m)
+needs three numbers per token from the whole vocabulary: the max m, the sum of exponentials and the
+target's logit. The max is all-reduced (MAX) first; the other two are summed in one all-reduce. The
+backward needs no communication: dL/dz = softmax(z) - onehot(target) on the columns this rank holds.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, group, ignore_index, vocab_size):
+        Vt = logits.shape[-1]
+        T, r = dist.get_world_size(group), dist.get_rank(group)
+        start = r * Vt
+        # Columns >= vocab_size are padding (the vocabulary is padded to a fixed multiple): leave them out,
+        # so that padding never changes the loss.
+        n_valid = Vt if vocab_size is None else max(0, min(Vt, vocab_size - start))
+        z = logits[..., :n_valid].float()
+
+        local_max = z.amax(-1) if n_valid else z.new_full(z.shape[:-1], float("-inf"))
+        if T > 1:
+            dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = z - local_max.unsqueeze(-1)
+
+        target_local = targets - start
+        in_shard = (target_local >= 0) & (target_local < n_valid)
+        target_local = target_local.masked_fill(~in_shard, 0)
+        target_logit = shifted.gather(-1, target_local.unsqueeze(-1)).squeeze(-1) if n_valid else \
+            torch.zeros_like(local_max)
+        target_logit = target_logit.masked_fill(~in_shard, 0.0)
+
+        exp = shifted.exp_()  # reuses `shifted`'s memory: the softmax is built in place
+        sums = torch.stack([exp.sum(-1), target_logit])
+        if T > 1:
+            dist.all_reduce(sums, group=group)
+        sum_exp, target_logit = sums.unbind(0)
+
+        ignored = targets == ignore_index
+        loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, target_local, in_shard, ignored)
+        ctx.Vt, ctx.dtype = Vt, logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, target_local, in_shard, ignored = ctx.saved_tensors
+        grad = softmax  # d loss / d z = softmax - onehot(target), built in place in the saved buffer
+        if grad.shape[-1]:
+            grad.scatter_add_(-1, target_local.unsqueeze(-1), -in_shard.to(grad.dtype).unsqueeze(-1))
+        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
+        if grad.shape[-1] < ctx.Vt:  # padded columns get no gradient
+            grad = torch.nn.functional.pad(grad, (0, ctx.Vt - grad.shape[-1]))
+        return grad.to(ctx.dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tensor, tp_group: dist.ProcessGroup,
+                                 *, ignore_index: int = -100, vocab_size: int | None = None) -> torch.Tensor:
+    """Per-token cross-entropy `[...]` from this rank's logits `[..., Vt]` (columns r*Vt onwards).
+
+    Equals `F.cross_entropy(gathered_logits, targets, reduction="none", ignore_index=ignore_index)`;
+    ignored targets give 0. With `vocab_size`, columns from `vocab_size` on are padding and left out."""
+    return _VocabParallelCrossEntropy.apply(logits_shard, targets, tp_group, ignore_index, vocab_size)

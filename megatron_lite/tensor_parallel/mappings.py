@@ -1,0 +1,177 @@
+"""The collectives of tensor and sequence parallelism, as autograd functions.
+
+Each function is named after what it does in the forward pass; its docstring says what runs in the
+backward pass. Shoeybi et al. 2019 (arXiv 1909.08053), section 3, Fig. 3: `f` is `copy_to_tp` (identity
+forward, all-reduce backward) and `g` is `reduce_from_tp` (all-reduce forward, identity backward), so an
+MLP or attention block costs two all-reduces per pass. Korthikanti et al. 2022 (arXiv 2205.05198),
+section 4.2.2: under sequence parallelism `g` becomes a reduce-scatter along the sequence and `f` an
+all-gather along the sequence (`g-bar` and `f-bar`), each the other's conjugate in backward.
+
+Activations are `[s, b, h]`: the sequence is dim 0, so a sequence shard is a contiguous block.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group: dist.ProcessGroup) -> int:
+    return dist.get_world_size(group)
+
+
+# ---- raw collectives on contiguous tensors (no autograd) ------------------------------------------
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    if group_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_dim0(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+    """Concatenate the ranks' tensors along dim 0 (the sequence, for `[s, b, h]` activations)."""
+    world = group_size(group)
+    x = x.contiguous()
+    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    work = dist.all_gather_single(out, x, group=group, async_op=async_op)
+    return (out, work) if async_op else out
+
+
+def reduce_scatter_dim0(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+    """Sum over ranks and keep this rank's block of dim 0."""
+    world = group_size(group)
+    if x.shape[0] % world:
+        raise ValueError(f"cannot reduce-scatter dim 0 of size {x.shape[0]} over {world} ranks")
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    work = dist.reduce_scatter_single(out, x, group=group, async_op=async_op)
+    return (out, work) if async_op else out
+
+
+def split_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's block of `dim` (no communication)."""
+    world = group_size(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} over {world} ranks")
+    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def all_gather_last(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate the ranks' tensors along the last dim (gathered along dim 0, then re-laid out)."""
+    world = group_size(group)
+    gathered = all_gather_dim0(x.unsqueeze(0), group)  # [T, ...]
+    return torch.cat(gathered.unbind(0), dim=-1)
+
+
+# ---- autograd functions ---------------------------------------------------------------------------
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.contiguous(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split_dim(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_last(grad, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split_dim(grad, -1, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_dim0(grad, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_dim0(grad, ctx.group), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split_dim(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_dim0(grad, ctx.group), None
+
+
+def copy_to_tp(x, group):
+    """Paper's `f`: identity forward; all-reduce of the gradient over TP backward."""
+    return _CopyToTP.apply(x, group) if group_size(group) > 1 else x
+
+
+def reduce_from_tp(x, group):
+    """Paper's `g`: all-reduce over TP forward; identity backward.
+
+    Reduces a contiguous `x` in place (it is a fresh partial product wherever the layers use it)."""
+    return _ReduceFromTP.apply(x, group) if group_size(group) > 1 else x
+
+
+def scatter_to_tp(x, group):
+    """Keep this rank's block of the last dim forward; all-gather the last dim backward."""
+    return _ScatterToTP.apply(x, group) if group_size(group) > 1 else x
+
+
+def gather_from_tp(x, group):
+    """All-gather the last dim forward; keep this rank's block of the gradient backward."""
+    return _GatherFromTP.apply(x, group) if group_size(group) > 1 else x
+
+
+def gather_from_sp(x, group):
+    """SP's `f-bar`: all-gather the sequence (dim 0) forward; reduce-scatter it backward."""
+    return _GatherFromSP.apply(x, group) if group_size(group) > 1 else x
+
+
+def reduce_scatter_to_sp(x, group):
+    """SP's `g-bar`: reduce-scatter the sequence (dim 0) forward; all-gather it backward."""
+    return _ReduceScatterToSP.apply(x, group) if group_size(group) > 1 else x
+
+
+def scatter_to_sp(x, group):
+    """Keep this rank's sequence block forward (no communication); all-gather the gradient backward."""
+    return _ScatterToSP.apply(x, group) if group_size(group) > 1 else x

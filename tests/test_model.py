@@ -1,0 +1,158 @@
+"""The whole GPT at T=2 and T=4 (SP on and off) against T=1 from the same seed; collective counts."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed import run_distributed
+from megatron_lite.comm_count import CollectiveCounter
+from megatron_lite.model import GPT, GPTConfig, ModelConfigError
+from megatron_lite.parallel import build_parallel_context
+from megatron_lite.tensor_parallel import tp_partition_dim
+
+CFG = dict(vocab_size=200, seq_len=16, num_layers=2, hidden_size=32, num_heads=4, dropout=0.0, seed=7)
+B = 3
+
+
+def full_grads(model, ctx):
+    """Every parameter's gradient as the full tensor, gathered from the TP shards."""
+    out = {}
+    for name, p in model.named_parameters():
+        dim = tp_partition_dim(p)
+        if dim is None:
+            out[name] = p.grad.clone()
+        else:
+            parts = [torch.empty_like(p.grad) for _ in range(ctx.tp_size)]
+            dist.all_gather(parts, p.grad.contiguous(), group=ctx.tp_group)
+            out[name] = torch.cat(parts, dim=dim)
+    return out
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, CFG["vocab_size"], (B, CFG["seq_len"] + 1), generator=g)
+    targets = tokens[:, 1:].clone()
+    targets[0, :3] = -100  # some ignored targets
+    return tokens[:, :-1], targets
+
+
+def train_steps(model, steps=4):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses, grads = [], None
+    for step in range(steps):
+        tokens, targets = batch(step)
+        loss = model(tokens, targets)
+        loss.backward()
+        if step == 0:
+            grads = full_grads(model, model.ctx)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, grads
+
+
+def _equivalence_worker():
+    ref_ctx = build_parallel_context(1)
+    ref_losses, ref_grads = train_steps(GPT(GPTConfig(**CFG), ref_ctx))
+    for T in (2, 4):
+        ctx = build_parallel_context(T)
+        for sp in (False, True):
+            model = GPT(GPTConfig(**CFG, sequence_parallel=sp), ctx)
+            losses, grads = train_steps(model)
+            tag = f"T={T} sp={sp}"
+            assert abs(losses[0] - ref_losses[0]) / ref_losses[0] < 1e-6, f"{tag}: loss {losses[0]} vs {ref_losses[0]}"
+            assert grads.keys() == ref_grads.keys()
+            for name, g in grads.items():
+                assert g.shape == ref_grads[name].shape, f"{tag} {name}: shape"
+                err = rel_err(g, ref_grads[name])
+                assert err < 1e-5, f"{tag} {name}: gradient relative error {err:.2e}"
+            for step, (a, b) in enumerate(zip(losses, ref_losses)):
+                assert abs(a - b) / b < 1e-5, f"{tag}: loss after {step} AdamW steps {a} vs {b}"
+
+
+def test_gpt_at_T_2_and_4_equals_T_1_loss_grads_and_adamw_steps():
+    run_distributed(_equivalence_worker, 4)
+
+
+def _replicated_grad_sum_worker():
+    ref_grads = train_steps(GPT(GPTConfig(**CFG), build_parallel_context(1)), steps=1)[1]
+    model = GPT(GPTConfig(**CFG, sequence_parallel=True), build_parallel_context(2))
+    for handle in model._replicated_grad_sum:  # what a model without the mechanism would compute
+        handle.remove()
+    grads = train_steps(model, steps=1)[1]
+    wrong = [n for n, g in grads.items() if rel_err(g, ref_grads[n]) > 1e-5]
+    replicated = [n for n, p in model.named_parameters() if tp_partition_dim(p) is None]
+    assert sorted(wrong) == sorted(replicated), wrong
+    assert any("ln_1" in n for n in wrong) and any("proj.bias" in n for n in wrong) and "wpe.weight" in wrong
+
+
+def test_removing_sp_replicated_grad_reduction_breaks_layernorm_and_bias_grads():
+    run_distributed(_replicated_grad_sum_worker, 2)
+
+
+def _collectives_worker():
+    S, H = CFG["seq_len"], CFG["hidden_size"]
+    for T in (2, 4):
+        ctx = build_parallel_context(T)
+        for sp in (False, True):
+            model = GPT(GPTConfig(**CFG, sequence_parallel=sp), ctx)
+            blk = model.blocks[0]
+            x = torch.randn(S // T if sp else S, B, H, requires_grad=True)
+            with CollectiveCounter() as fwd:
+                y = blk(x, model.rng)
+            with CollectiveCounter() as bwd:
+                y.sum().backward()
+            act = S * B * H * 4  # bytes of one full [s, b, h] float32 activation
+            if not sp:  # Shoeybi et al.: g twice forward, f twice backward
+                assert [(c.op, c.bytes) for c in fwd.calls] == [("all_reduce", act)] * 2
+                assert [(c.op, c.bytes) for c in bwd.calls] == [("all_reduce", act)] * 2
+            else:  # Korthikanti et al.: all-gather before, reduce-scatter after each TP region
+                assert [(c.op, c.bytes) for c in fwd.calls] == [("all_gather", act), ("reduce_scatter", act)] * 2
+                acts = [(c.op, c.bytes) for c in bwd.calls if c.bytes == act]
+                # backward, per region: the row layer's all-gather of the output gradient, then the column
+                # layer's re-gather of its saved input shard and reduce-scatter of the input gradient
+                assert acts == [("all_gather", act), ("all_gather", act), ("reduce_scatter", act)] * 2, acts
+                # and one all-reduce per replicated parameter (2 LayerNorms, 2 row biases: 6 x h floats)
+                params = [(c.op, c.bytes) for c in bwd.calls if c.bytes != act]
+                assert params == [("all_reduce", H * 4)] * 6, params
+            assert all(c.group_size == T for c in fwd.calls + bwd.calls)
+
+
+def test_block_issues_exactly_the_megatron_collectives():
+    run_distributed(_collectives_worker, 4)
+
+
+@pytest.mark.parametrize("kw, T, match", [
+    (dict(num_heads=6, hidden_size=36), 4, r"num_heads=6 is not divisible by parallel.tp=4"),
+    (dict(hidden_size=30, num_heads=4), 1, r"hidden_size=30 is not divisible by model.num_heads=4"),
+    (dict(ffn_hidden_size=66), 4, r"ffn_hidden_size=66 is not divisible by parallel.tp=4"),
+    (dict(seq_len=18, sequence_parallel=True), 4, r"seq_len=18 is not divisible by parallel.tp=4"),
+])
+def test_bad_shapes_are_named_before_any_collective(kw, T, match):
+    cfg = GPTConfig(**{**CFG, **kw})
+    with pytest.raises(ModelConfigError, match=match):
+        cfg.validate(T)
+
+
+def test_padding_is_independent_of_T_and_never_changes_the_loss():
+    assert GPTConfig(vocab_size=200).padded_vocab_size == 256
+    ctx = _single_process_context()
+    torch.manual_seed(0)
+    tokens, targets = batch(0)
+    small = GPT(GPTConfig(**CFG), ctx)
+    wider = GPT(GPTConfig(**CFG, vocab_pad_multiple=512), ctx)
+    with torch.no_grad():  # same real rows; the extra padding rows are left random
+        wider.wte.weight[: CFG["vocab_size"]].copy_(small.wte.weight[: CFG["vocab_size"]])
+        for (_, a), (_, b) in zip(small.named_parameters(), wider.named_parameters()):
+            if a.shape == b.shape:
+                b.copy_(a)
+    assert torch.allclose(small(tokens, targets), wider(tokens, targets), rtol=1e-6, atol=0)
+
+
+def _single_process_context():
+    from megatron_lite.parallel import init_distributed
+    init_distributed()
+    return build_parallel_context(1)
