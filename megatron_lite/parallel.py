@@ -52,13 +52,14 @@ def check_world_size(world_size: int, tp_size: int) -> None:
             f"{tp_size} processes (--nproc_per_node) or pick a parallel.tp that divides {world_size}")
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
+def default_device(kind: str | None = None) -> torch.device:
+    """This process's device: its GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    if kind == "cuda" or (kind is None and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
+def init_distributed(device: torch.device | None = None, timeout_s: float = 600.0) -> None:
     """Join the job torchrun (env://) describes; a plain `python` run becomes a world of one."""
     if dist.is_initialized():
         return
@@ -66,7 +67,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    device = default_device()
+    device = device or default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -97,14 +98,16 @@ def build_parallel_context(tp_size: int, device: torch.device | None = None) -> 
         grid=tuple(tuple(row) for row in grid.tolist()))
 
 
-def init_parallel(tp_size: int) -> ParallelContext:
+def init_parallel(tp_size: int, device: str | None = None) -> ParallelContext:
     """Initialize torch.distributed if needed (NCCL on CUDA, gloo otherwise) and build the grid.
 
-    The world-size check runs before the process group is created when torchrun has set WORLD_SIZE,
-    so a bad layout fails at once on every rank instead of hanging on a collective."""
+    `device`: "cpu" or "cuda" to force one, None for CUDA when available. The world-size check runs
+    before the process group is created when torchrun has set WORLD_SIZE, so a bad layout fails at once
+    on every rank instead of hanging on a collective."""
     check_world_size(int(os.environ.get("WORLD_SIZE", 1)), tp_size)
-    init_distributed()
-    return build_parallel_context(tp_size)
+    dev = default_device(device)
+    init_distributed(dev)
+    return build_parallel_context(tp_size, dev)
 
 
 def _free_port() -> int:

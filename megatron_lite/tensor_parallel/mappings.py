@@ -57,7 +57,8 @@ def split_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tens
 
 def all_gather_last(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Concatenate the ranks' tensors along the last dim (gathered along dim 0, then re-laid out)."""
-    world = group_size(group)
+    if group_size(group) == 1:
+        return x
     gathered = all_gather_dim0(x.unsqueeze(0), group)  # [T, ...]
     return torch.cat(gathered.unbind(0), dim=-1)
 

@@ -1,0 +1,235 @@
+"""The run configuration: a structured Hydra schema, plus the cross-field checks Hydra cannot do.
+
+The dataclasses below are registered in Hydra's ConfigStore (`base_config`, and `base_model` / `base_data`
+for the YAML presets under configs/ to extend), so an unknown key or a value of the wrong type on the command
+line fails at once with Hydra's own message. `validate()` then checks what needs several fields or the world
+size (divisibility by TP, global batch vs micro batch x DP, data paths, ...) and raises ConfigError with one
+line naming the value and the fix -- before any process group exists.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from megatron_lite.data import DataConfig
+
+if TYPE_CHECKING:
+    from megatron_lite.model import GPTConfig
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line naming the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
+    seq_len: int = 128
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    vocab_pad_multiple: int = 128  # pad the vocabulary to a multiple of this (independent of TP size)
+    init_std: float = 0.02
+    recompute: str = "none"  # none | selective (attention core) | full (whole layer)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 2  # tensor-parallel size; data-parallel size = world size / tp
+    sp: bool = True  # sequence parallelism (shards LayerNorm/dropout activations over the TP group)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    global_batch_size: int = 16  # sequences per optimizer step, over all DP ranks and micro batches
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank
+    seed: int = 1234
+    eval_every: int = 50  # 0: never (except at the end)
+    eval_iters: int = 4  # micro batches per evaluation
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # end of the decay; configs/config.yaml sets it to ${div:${optim.lr},10}
+    lr_decay_style: str = "cosine"  # cosine | linear | constant (after linear warmup)
+    warmup_steps: int = 20
+    weight_decay: float = 0.1  # not applied to biases, LayerNorm weights or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: bool = True  # fused AdamW kernel (CUDA only; ignored on CPU)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "megatron-lite"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: the run directory's name
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between log lines
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between saves; 0: only at the end
+    keep: Optional[int] = None  # newest checkpoints to keep; None: all
+    resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir | never
+    load: Optional[str] = None  # initialize from this checkpoint instead (weights + optimizer + step)
+    async_save: bool = False  # write checkpoints in a background thread
+
+
+@dataclass
+class SampleConfig:  # sampled once at the end of training
+    prompt: str = "def "
+    max_new_tokens: int = 120
+    temperature: float = 0.8
+    top_k: Optional[int] = 50  # None: sample from the whole vocabulary
+
+
+@dataclass
+class Config:
+    run_dir: str = MISSING  # set in configs/config.yaml: runs/<torchrun job id, or the start time>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# `${div:a,b}`: a / b, so configs/config.yaml can say min_lr = lr / 10 and follow an optim.lr override
+OmegaConf.register_new_resolver("div", lambda a, b: float(f"{a / b:.12g}"), replace=True)  # 3e-3/10: 3e-4
+
+_cs = ConfigStore.instance()
+_cs.store(name="base_config", node=Config)
+_cs.store(group="model", name="base_model", node=ModelConfig)
+_cs.store(group="data", name="base_data", node=DataConfig)
+
+
+def gpt_config(cfg: Config) -> GPTConfig:
+    from megatron_lite.model import GPTConfig
+    m = cfg.model
+    return GPTConfig(
+        vocab_size=cfg.data.vocab_size, seq_len=m.seq_len, num_layers=m.num_layers, hidden_size=m.hidden_size,
+        num_heads=m.num_heads, ffn_hidden_size=m.ffn_hidden_size, dropout=m.dropout,
+        tie_embeddings=m.tie_embeddings, sequence_parallel=cfg.parallel.sp,
+        vocab_pad_multiple=m.vocab_pad_multiple, recompute=m.recompute, init_std=m.init_std, seed=cfg.train.seed)
+
+
+def dp_size(cfg: Config, world_size: int) -> int:
+    return world_size // cfg.parallel.tp
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size(cfg, world_size))
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _need(value in choices, f"{key}={value!r} must be one of {', '.join(choices)}")
+
+
+def _unknown_keys(node: object, prefix: str = ""):
+    """Keys Hydra let through with `+key=value` (struct mode does not stop those) that no field reads."""
+    names = [f.name for f in fields(node)]
+    for key, value in vars(node).items():
+        if key not in names:
+            yield f"{prefix}{key}", f"{prefix.rstrip('.') or 'the top level'} has {', '.join(names)}"
+        elif is_dataclass(value):
+            yield from _unknown_keys(value, f"{prefix}{key}.")
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError (one line: the value and the fix) for a configuration that cannot run.
+
+    Cheap and collective-free: call it on every rank before any process group exists."""
+    from megatron_lite.data import DataError, corpus_files
+    from megatron_lite.model import ModelConfigError
+    from megatron_lite.parallel import ParallelConfigError, check_world_size
+
+    for key, known in _unknown_keys(cfg):
+        raise ConfigError(f"unknown key {key}: nothing reads it; {known}")
+    t, o = cfg.train, cfg.optim
+    try:
+        check_world_size(world_size, cfg.parallel.tp)
+        gpt_config(cfg).validate(cfg.parallel.tp)
+    except (ParallelConfigError, ModelConfigError) as e:
+        raise ConfigError(str(e)) from None
+    if os.environ.get("TORCHELASTIC_RUN_ID") == "none" and Path(cfg.run_dir).name == "none":
+        raise ConfigError(f"run_dir={cfg.run_dir}: torchrun was started without a job id (static rendezvous), "
+                          f"so the ranks share none: pass --rdzv-id=<job name> to torchrun or set run_dir=<dir>")
+
+    # batch sizes
+    _need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _need(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    dp = dp_size(cfg, world_size)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size < 1 or t.global_batch_size % per_step:
+        nearest = max(1, math.floor(t.global_batch_size / per_step + 0.5)) * per_step
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{t.micro_batch_size} x DP={dp} (world size {world_size} / parallel.tp={cfg.parallel.tp}) = "
+            f"{per_step}: use train.global_batch_size={nearest}, or change train.micro_batch_size")
+    _need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0: evaluate only at the end)")
+    _need(t.eval_iters >= 1, f"train.eval_iters={t.eval_iters} must be >= 1")
+    _one_of("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+    if t.device == "cuda":
+        import torch
+        _need(torch.cuda.is_available(), "train.device='cuda' but torch sees no CUDA device: use train.device=auto")
+
+    # optimizer and schedule
+    _need(math.isfinite(o.lr) and o.lr > 0, f"optim.lr={o.lr} must be > 0 (e.g. optim.lr=3e-4)")
+    _need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    _one_of("optim.lr_decay_style", o.lr_decay_style, ("cosine", "linear", "constant"))
+    _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    for key in ("beta1", "beta2"):
+        _need(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+    _need(o.eps > 0, f"optim.eps={o.eps} must be > 0")
+    _need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+
+    # data (DataConfig's own checks, and that every path exists)
+    try:
+        corpus_files(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+    # logging, checkpoints, sampling
+    _need(cfg.logging.every >= 1, f"logging.every={cfg.logging.every} must be >= 1")
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
+    c = cfg.checkpoint
+    _need(c.every >= 0, f"checkpoint.every={c.every} must be >= 0 (0: save only at the end)")
+    _need(c.keep is None or c.keep >= 1, f"checkpoint.keep={c.keep} must be >= 1 or null (keep all)")
+    _one_of("checkpoint.resume", c.resume, ("auto", "never"))
+    _need(c.load is None or Path(c.load).exists(), f"checkpoint.load={c.load} does not exist: fix the path")
+    s = cfg.sample
+    _need(s.max_new_tokens >= 0, f"sample.max_new_tokens={s.max_new_tokens} must be >= 0")
+    _need(s.temperature >= 0, f"sample.temperature={s.temperature} must be >= 0 (0: greedy)")
+    _need(s.top_k is None or s.top_k >= 1, f"sample.top_k={s.top_k} must be >= 1 or null (no top-k filter)")

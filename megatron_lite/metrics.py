@@ -1,0 +1,133 @@
+"""What rank 0 tells the user: the layout and size at start, a line per logged step, metrics.jsonl, wandb.
+
+Only rank 0 writes (console, `<run_dir>/train.log`, `<run_dir>/metrics.jsonl`, wandb); the other ranks'
+calls return at once, so the loop calls the logger unconditionally.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import secrets
+from dataclasses import asdict
+
+import torch
+
+# Dense bf16 peak FLOP/s per device, for MFU (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(c, n_params: int) -> float:
+    """PaLM (Chowdhery et al. 2022, appendix B): 6N + 12 L H Q T for training, attention included.
+
+    N counts the parameters that do matmul work per token, as nanoGPT does: all but the position
+    embeddings (a tied token embedding is also the output layer, the largest matmul of a small GPT)."""
+    n = n_params - c.seq_len * c.hidden_size
+    return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * c.seq_len
+
+
+def memory_estimate(model, cfg, ctx) -> dict[str, float]:
+    """Bytes per rank: fp32 weights, grads and AdamW moments (16 B/param), and activations from
+    Korthikanti et al. 2022, Table 2 (16-bit; doubled for fp32), with the vocab-sharded logits."""
+    c, T = model.config, ctx.tp_size
+    s, b, h, a, L = c.seq_len, cfg.train.micro_batch_size, c.hidden_size, c.num_heads, c.num_layers
+    _, local = model.num_parameters()
+    per_layer = s * b * h * ((34 + 5 * a * s / h) / T if c.sequence_parallel else 10 + 24 / T + 5 * a * s / (h * T))
+    act_bytes = L * per_layer * (1 if ctx.device.type == "cuda" else 2) + 2 * 4 * s * b * c.padded_vocab_size / T
+    return {"states_gb": 16 * local / 2**30, "activations_gb": act_bytes / 2**30}
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: peak RSS
+
+
+class MetricsLogger:
+    def __init__(self, cfg, ctx):
+        self.cfg, self.ctx, self.active = cfg, ctx, ctx.is_first_rank
+        self.wandb_run = None
+        self.flops_per_step = self.peak = None
+        if self.active:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+
+    def _write(self, name: str, line: str) -> None:
+        with open(os.path.join(self.cfg.run_dir, name), "a") as f:
+            f.write(line + "\n")
+
+    def info(self, msg: str) -> None:
+        if self.active:
+            print(msg, flush=True)
+            self._write("train.log", msg)
+
+    def wandb_id(self) -> str:
+        """The run's wandb id, kept in run_dir so a resumed run logs to the same wandb run."""
+        path = os.path.join(self.cfg.run_dir, "wandb_id")
+        if self.active and not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write(secrets.token_hex(4))
+        return open(path).read().strip() if self.active else ""
+
+    def start(self, model, resumed_step: int) -> None:
+        """Print the model's size and memory estimate, trim metrics.jsonl to `resumed_step`, open wandb."""
+        cfg, ctx = self.cfg, self.ctx
+        full, local = model.num_parameters()
+        self.flops_per_step = flops_per_token(model.config, full) * cfg.train.global_batch_size * model.config.seq_len
+        self.peak = peak_flops(ctx.device)
+        if not self.active:
+            return
+        mem = memory_estimate(model, cfg, ctx)
+        self.info(f"model: {full / 1e6:.2f}M parameters ({local / 1e6:.2f}M on this rank); estimated memory per "
+                  f"rank: {mem['states_gb']:.2f} GiB weights+grads+AdamW, {mem['activations_gb']:.2f} GiB "
+                  f"activations per micro-batch")
+        self._drop_metrics_after(resumed_step)
+        if cfg.logging.wandb.mode != "disabled":
+            import wandb
+            w = cfg.logging.wandb
+            self.wandb_run = wandb.init(project=w.project, entity=w.entity, dir=cfg.run_dir, mode=w.mode,
+                                        name=w.name or os.path.basename(os.path.normpath(cfg.run_dir)),
+                                        id=self.wandb_id(), resume="allow", config=asdict(cfg))
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """A run resumed from step k logs steps > k again: keep metrics.jsonl free of the lost ones."""
+        path = os.path.join(self.cfg.run_dir, "metrics.jsonl")
+        if os.path.exists(path):
+            lines = [ln for ln in open(path) if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            with open(path, "w") as f:
+                f.writelines(lines)
+
+    def step(self, step: int, *, loss, lr, grad_norm, step_time, tokens_per_sec, consumed_samples) -> None:
+        if not self.active:
+            return
+        ctx = self.ctx
+        record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec,
+                      ms_per_step=1000 * step_time, consumed_samples=consumed_samples,
+                      mem_gb=memory_gb(ctx.device))
+        if self.peak:
+            record["mfu"] = self.flops_per_step / step_time / (self.peak * ctx.world_size)
+        mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
+        self.info(f"step {step:>6}/{self.cfg.train.steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
+                  f"{grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s | {1000 * step_time:.0f} ms/step{mfu} | "
+                  f"mem {record['mem_gb']:.2f} GiB")
+        self._log(record)
+
+    def eval(self, step: int, val_loss: float) -> None:
+        if self.active:
+            self.info(f"step {step:>6}/{self.cfg.train.steps} | val loss {val_loss:.4f}")
+            self._log(dict(step=step, val_loss=val_loss))
+
+    def _log(self, record: dict) -> None:
+        self._write("metrics.jsonl", json.dumps(record))
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,147 @@
+"""The training loop over a DP x TP grid: data, model, DDP, AdamW, logs, evaluation, checkpoints, sample.
+
+One optimizer step consumes `train.global_batch_size` sequences: each DP rank runs `grad_accum` micro-batches
+of `train.micro_batch_size`; DDP averages the gradients over the DP group once, on the last micro-batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .checkpoint import Checkpointer
+from .config import Config, gpt_config, grad_accum_steps
+from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, prepare_corpus
+from .generate import generate
+from .metrics import MetricsLogger
+from .model import GPT
+from .optim import build_optimizer, clip_grads, grad_norm, lr_at
+from .parallel import ParallelContext, init_parallel
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    consumed_samples: int = 0  # global sequences consumed: the data position
+
+
+def train(cfg: Config) -> None:
+    ctx = init_parallel(cfg.parallel.tp, device=None if cfg.train.device == "auto" else cfg.train.device)
+    try:
+        _train(cfg, ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: Config, ctx: ParallelContext) -> None:
+    torch.manual_seed(cfg.train.seed)
+    log = MetricsLogger(cfg, ctx)
+    log.info(f"layout: {ctx.describe()}")
+    corpus = prepare_corpus(cfg.data, is_first_rank=int(os.environ.get("LOCAL_RANK", 0)) == 0,
+                            barrier=dist.barrier, log=log.info)
+    model = GPT(gpt_config(cfg), ctx)
+    ddp = DDP(model, process_group=ctx.dp_group, broadcast_buffers=False) if ctx.dp_size > 1 else None
+    forward = ddp or model
+    if cfg.train.compile:
+        forward = torch.compile(forward)
+    opt = build_optimizer(model, cfg.optim, ctx.device)
+    ckpt = Checkpointer(cfg, ctx, corpus, wandb_id=log.wandb_id(), log=log.info)
+    state = TrainState()
+    source = ckpt.resume_source()
+    if source is not None:
+        state = TrainState(**ckpt.load(source, model, opt))
+        log.info(f"resumed from {source} at step {state.step} ({state.consumed_samples} samples consumed)")
+    log.start(model, state.step)
+    if ctx.is_first_rank:
+        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
+
+    accum = grad_accum_steps(cfg, ctx.world_size)
+    train_data = WindowSampler(corpus.train_tokens(), cfg.model.seq_len, cfg.train.seed, name="train")
+    val_data = WindowSampler(corpus.val_tokens(), cfg.model.seq_len, cfg.train.seed + 1, name="val")
+    autocast = _autocast(cfg, ctx)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+
+    while state.step < cfg.train.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(state.step, cfg.optim, cfg.train.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=ctx.device)
+        for micro in range(accum):
+            x, y = train_data.batch(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
+                                                      ctx.dp_rank, ctx.dp_size))
+            sync = ddp is None or micro == accum - 1  # reduce over DP once, on the last micro-batch
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                loss = forward(x.to(ctx.device), y.to(ctx.device))
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        norm = grad_norm(model, ctx.tp_group)
+        clip_grads(model, cfg.optim.grad_clip, norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        state.consumed_samples += cfg.train.global_batch_size
+
+        loss_avg = _dp_mean(loss_sum / accum, ctx)
+        if not math.isfinite(loss_avg):
+            raise FloatingPointError(f"loss is {loss_avg} at step {state.step}: the run diverged; lower optim.lr "
+                                     f"(now {cfg.optim.lr}) or raise optim.warmup_steps, and resume from the "
+                                     f"last checkpoint")
+        dt = time.perf_counter() - t0
+        if state.step % cfg.logging.every == 0 or state.step in (1, cfg.train.steps):
+            log.step(state.step, loss=loss_avg, lr=lr, grad_norm=norm.item(), step_time=dt,
+                     tokens_per_sec=tokens_per_step / dt, consumed_samples=state.consumed_samples)
+        if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps:
+            log.eval(state.step, _evaluate(model, val_data, cfg, ctx, autocast))
+        if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
+            ckpt.save(state.step, model, opt, asdict(state))
+    ckpt.wait()
+    _sample(model, corpus, cfg, log)
+    log.finish()
+
+
+@torch.no_grad()
+def _evaluate(model: GPT, data: WindowSampler, cfg: Config, ctx: ParallelContext, autocast) -> float:
+    """Mean loss over the same eval_iters x micro-batch x DP validation windows every time."""
+    model.eval()
+    total = torch.zeros((), device=ctx.device)
+    for it in range(cfg.train.eval_iters):
+        x, y = data.batch(dp_sample_indices(0, it, cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size))
+        with autocast:
+            total += model(x.to(ctx.device), y.to(ctx.device))
+    model.train()
+    return _dp_mean(total / cfg.train.eval_iters, ctx)
+
+
+def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger) -> None:
+    s = cfg.sample
+    if s.max_new_tokens == 0:
+        return
+    tok = corpus.tokenizer()
+    ids = generate(model, tok.encode(s.prompt), s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                   seed=cfg.train.seed)
+    log.info("sample:\n" + tok.decode(ids))
+
+
+def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
+    value = value.detach().float().clone()
+    if ctx.dp_size > 1:
+        dist.all_reduce(value, group=ctx.dp_group)
+    return value.item() / ctx.dp_size
+
+
+def _autocast(cfg: Config, ctx: ParallelContext):
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if ctx.device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+
