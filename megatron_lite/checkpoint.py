@@ -183,7 +183,7 @@ class Checkpointer:
         tmp = final.with_name(final.name + ".tmp")
         os.makedirs(tmp, exist_ok=True)
         sd = _full_state(model, opt, self.ctx)
-        meta = {**state, "config": asdict(self.cfg), "tokenizer": {"key": self.corpus.key,
+        meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "tokenizer": {"key": self.corpus.key,
                 "vocab_size": self.corpus.vocab_size}, "wandb_id": self.wandb_id,
                 "layout": {"dp": self.ctx.dp_size, "tp": self.ctx.tp_size, "sp": self.cfg.parallel.sp},
                 "torch": torch.__version__}
@@ -218,3 +218,16 @@ class Checkpointer:
             self.pending = None
             future.result()
             finalize()
+
+
+def load_model(path: str | Path, ctx, **overrides):
+    """A GPT for `ctx`'s layout with the weights of checkpoint `path` (a step dir or a run dir), in eval mode.
+
+    `overrides` change GPTConfig fields that do not change the weights (sequence_parallel, dropout)."""
+    from .model import GPT, GPTConfig
+    path = resolve(path)
+    saved = verify(path)
+    model = GPT(GPTConfig(**{**read_meta(path)["model"], **overrides}), ctx)
+    check_shapes(saved, model, ctx, path)
+    dcp.load(model_state(model, ctx), checkpoint_id=str(path))
+    return model.eval()

@@ -34,3 +34,43 @@ def generate(model, ids: list[int], max_new_tokens: int, *, temperature: float =
         out.append(next_id)
     model.train(was_training)
     return out
+
+
+def main() -> None:
+    """python -m megatron_lite.generate CHECKPOINT [--prompt ...]: load a checkpoint in any TP layout and sample.
+
+    One process (`python -m ...`) or several (`torchrun --nproc_per_node=N -m megatron_lite.generate --tp N`)."""
+    import argparse
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from .checkpoint import load_model, resolve
+    from .data import Tokenizer
+    from .parallel import init_parallel
+
+    ap = argparse.ArgumentParser(description="Sample text from a megatron-lite checkpoint.")
+    ap.add_argument("checkpoint", help="a run directory or a step_NNNNNNN checkpoint directory")
+    ap.add_argument("--prompt", default="def ")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    ap.add_argument("--top-k", type=int, default=50, help="0: no top-k filter")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the world size)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    args = ap.parse_args()
+
+    import os
+    ctx = init_parallel(args.tp or int(os.environ.get("WORLD_SIZE", 1)), device=args.device)
+    ckpt = resolve(args.checkpoint)
+    model = load_model(ckpt, ctx, sequence_parallel=False)
+    tok = Tokenizer(Path(ckpt) / "tokenizer.model")
+    ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k or None, seed=args.seed)
+    if ctx.is_first_rank:
+        print(f"# {ckpt} (TP={ctx.tp_size})\n{tok.decode(ids)}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,7 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
     corpus = prepare_corpus(cfg.data, is_first_rank=int(os.environ.get("LOCAL_RANK", 0)) == 0,
                             barrier=dist.barrier, log=log.info)
     model = GPT(gpt_config(cfg), ctx)
-    ddp = DDP(model, process_group=ctx.dp_group, broadcast_buffers=False) if ctx.dp_size > 1 else None
+    ddp = DDP(model, process_group=ctx.dp_group) if ctx.dp_size > 1 else None
     forward = ddp or model
     if cfg.train.compile:
         forward = torch.compile(forward)
