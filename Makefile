@@ -14,6 +14,7 @@ ifndef RUN_DIR
 RUN_DIR := runs/$(shell date +%Y%m%d-%H%M%S)
 endif
 ARGS ?=
+SAMPLE ?= --max-new-tokens 200
 
 .PHONY: install train test bench sample clean
 
@@ -26,8 +27,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -e '.[test]'
 	touch $@
 
+# train, then sample from the final checkpoint with the sampling command (one process: the checkpoint
+# loads in any layout)
 train: install
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py run_dir=$(RUN_DIR) $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py run_dir=$(RUN_DIR) sample.max_new_tokens=0 $(ARGS)
+	$(PY) -m megatron_lite.generate $(RUN_DIR) $(SAMPLE)
 
 test: install
 	$(PY) -m pytest $(ARGS)

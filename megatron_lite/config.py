@@ -50,11 +50,11 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200  # optimizer steps
+    steps: int = 500  # optimizer steps
     global_batch_size: int = 16  # sequences per optimizer step, over all DP ranks and micro batches
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
     seed: int = 1234
-    eval_every: int = 50  # 0: never (except at the end)
+    eval_every: int = 100  # 0: never (except at the end)
     eval_iters: int = 4  # micro batches per evaluation
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the model
