@@ -34,12 +34,12 @@ from omegaconf.errors import MissingMandatoryValue
 from megatron_lite.config import Config, ConfigError, validate  # also registers the schema with Hydra
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one copy per node, not one per rank
         print(f"error: {message}", file=sys.stderr)
     else:  # torchrun SIGTERMs all workers when the first one exits: give local rank 0 time to print
         time.sleep(5)
-    sys.exit(2)
+    sys.exit(status)
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
@@ -52,9 +52,12 @@ def main(dict_cfg: DictConfig) -> None:
         validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
         _fail(str(e))
-    from megatron_lite.trainer import train  # only now: bad input never initializes torch.distributed
+    from megatron_lite.trainer import DivergenceError, train  # only now: bad input never starts a process group
 
-    train(cfg)
+    try:
+        train(cfg)
+    except DivergenceError as e:
+        _fail(str(e), status=1)
 
 
 if __name__ == "__main__":

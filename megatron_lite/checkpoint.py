@@ -201,8 +201,10 @@ class Checkpointer:
         if not self.ctx.is_first_rank:
             return
         with self._lock:
-            if final.exists() or not tmp.exists():
+            if not tmp.exists():  # already made visible (async: by the callback, then wait())
                 return
+            if final.exists():  # a damaged checkpoint of this step that resume skipped: replace it
+                shutil.rmtree(final)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             shutil.copy(self.corpus.tokenizer_path, tmp / "tokenizer.model")
             os.replace(tmp, final)

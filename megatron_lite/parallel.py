@@ -71,8 +71,23 @@ def init_distributed(device: torch.device | None = None, timeout_s: float = 600.
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s),
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, store=_restart_safe_store(timeout), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
+
+
+def _restart_safe_store(timeout: timedelta) -> dist.Store:
+    """The rendezvous store, with keys kept apart per torchrun restart.
+
+    Under torchrun the workers share the agent's TCPStore, and a restarted worker (--max-restarts) would
+    read the dead attempt's addresses from it (pytorch/pytorch#135712); a prefix per restart avoids that."""
+    addr, port, world = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    else:
+        store = dist.TCPStore(addr, port, world, is_master=int(os.environ["RANK"]) == 0, timeout=timeout)
+    return dist.PrefixStore(f"megatron_lite/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def build_parallel_context(tp_size: int, device: torch.device | None = None) -> ParallelContext:

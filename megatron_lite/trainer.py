@@ -26,6 +26,10 @@ from .optim import build_optimizer, clip_grads, grad_norm, lr_at
 from .parallel import ParallelContext, init_parallel
 
 
+class DivergenceError(RuntimeError):
+    """A non-finite loss or gradient norm; raised on every rank at the same step."""
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -83,17 +87,17 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
                 (loss / accum).backward()
             loss_sum += loss.detach()
         norm = grad_norm(model, ctx.tp_group)
+        loss_avg = _dp_mean(loss_sum / accum, ctx)
+        if not (math.isfinite(loss_avg) and math.isfinite(norm.item())):  # before the update spoils the weights
+            what = f"loss is {loss_avg}" if not math.isfinite(loss_avg) else f"grad norm is {norm.item()}"
+            log.info(f"error: {what} at step {state.step + 1}")
+            raise DivergenceError(f"{what} at step {state.step + 1}: the run diverged; lower optim.lr (now "
+                                  f"{cfg.optim.lr}) or raise optim.warmup_steps, and resume from the last checkpoint")
         clip_grads(model, cfg.optim.grad_clip, norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         state.step += 1
         state.consumed_samples += cfg.train.global_batch_size
-
-        loss_avg = _dp_mean(loss_sum / accum, ctx)
-        if not math.isfinite(loss_avg):
-            raise FloatingPointError(f"loss is {loss_avg} at step {state.step}: the run diverged; lower optim.lr "
-                                     f"(now {cfg.optim.lr}) or raise optim.warmup_steps, and resume from the "
-                                     f"last checkpoint")
         dt = time.perf_counter() - t0
         if state.step % cfg.logging.every == 0 or state.step in (1, cfg.train.steps):
             log.step(state.step, loss=loss_avg, lr=lr, grad_norm=norm.item(), step_time=dt,
@@ -109,15 +113,19 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
 
 @torch.no_grad()
 def _evaluate(model: GPT, data: WindowSampler, cfg: Config, ctx: ParallelContext, autocast) -> float:
-    """Mean loss over the same eval_iters x micro-batch x DP validation windows every time."""
+    """Mean loss over the same eval_iters x global-batch validation windows every time, split over DP
+    like a training step, so that the value does not depend on the layout."""
     model.eval()
+    accum = grad_accum_steps(cfg, ctx.world_size)
     total = torch.zeros((), device=ctx.device)
     for it in range(cfg.train.eval_iters):
-        x, y = data.batch(dp_sample_indices(0, it, cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size))
-        with autocast:
-            total += model(x.to(ctx.device), y.to(ctx.device))
+        for micro in range(accum):
+            x, y = data.batch(dp_sample_indices(it * cfg.train.global_batch_size, micro,
+                                                cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size))
+            with autocast:
+                total += model(x.to(ctx.device), y.to(ctx.device))
     model.train()
-    return _dp_mean(total / cfg.train.eval_iters, ctx)
+    return _dp_mean(total / (cfg.train.eval_iters * accum), ctx)
 
 
 def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger) -> None:

@@ -1,0 +1,452 @@
+"""Checkpoints end to end, through the CLI (torchrun / python train.py as subprocesses), as a user runs them.
+
+One reference run (DP2 x TP2 with sequence parallelism, 8 steps, a checkpoint every 2) is shared by the
+module; every other test resumes, reshards, damages, exports or samples from (a copy of) its checkpoints.
+SMALL's model trains deterministically on CPU, so a resumed run at the same layout must match it bitwise.
+
+Also a script: `torchrun --nproc_per_node=N tests/test_checkpoint.py --loss CKPT OUT.json` loads CKPT at
+TP=N and writes the loss on a fixed batch (used by the export test).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import ROOT, SMALL, TORCHRUN, env, losses, metrics, torchrun
+
+STEPS, EVERY = 8, 2
+BASE = [*SMALL, f"train.steps={STEPS}", f"checkpoint.every={EVERY}"]
+DP2TP2 = ["parallel.tp=2"]  # 4 processes: DP=2 x TP=2, parallel.sp=true (the default)
+
+
+def step_dir(run_dir, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def ckpt_names(run_dir) -> list[str]:
+    return sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir())
+
+
+def train_log(run_dir) -> str:
+    return (Path(run_dir) / "train.log").read_text()
+
+
+def loss_steps(run_dir) -> list[int]:
+    return [m["step"] for m in metrics(run_dir) if "loss" in m]
+
+
+def python_train(*overrides: str, check: bool = True, timeout: float = 240):
+    """`python train.py OVERRIDES`: one process, no torchrun agent."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def copy_run(src, dst) -> Path:
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def truncate(path: Path) -> tuple[int, int]:
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    return size // 2, size
+
+
+def assert_close(got: dict, want: dict, steps, rel: float) -> None:
+    for s in steps:
+        assert math.isclose(got[s], want[s], rel_tol=rel), f"step {s}: loss {got[s]!r} vs {want[s]!r}"
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> Path:
+    """The uninterrupted reference: DP2 x TP2 + SP, steps 1..8, checkpoints at 2, 4, 6, 8."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    torchrun(4, *BASE, *DP2TP2, f"run_dir={run}")
+    assert loss_steps(run) == list(range(1, STEPS + 1))
+    assert ckpt_names(run) == [f"step_{s:07d}" for s in range(EVERY, STEPS + 1, EVERY)]
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1 + 4. Interrupted after step 4's checkpoint, killed in the middle of step 6's save, relaunched.
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resumed(ref, tmp_path_factory) -> Path:
+    """The reference's run dir as a job killed while saving step 6 leaves it, relaunched with the same run_dir.
+
+    What a kill during a save leaves: `step_0000006.tmp/` holding the shards written so far (one of them
+    cut short), without DCP's `.metadata` (written last, once every rank is done) or `meta.json` (written at
+    the rename); nothing of step 8; metrics.jsonl and train.log as far as the run got (here: to step 8)."""
+    run = copy_run(ref, tmp_path_factory.mktemp("resumed") / "run")
+    shutil.rmtree(step_dir(run, 8))
+    shutil.rmtree(step_dir(run, 6))
+    partial = shutil.copytree(step_dir(ref, 6), step_dir(run, 6).with_name("step_0000006.tmp"))
+    for name in (".metadata", "meta.json", "tokenizer.model"):
+        (partial / name).unlink()
+    truncate(partial / "__1_0.distcp")
+    (run / "train.log").write_text(train_log(run) + "=== killed ===\n")
+    torchrun(4, *BASE, *DP2TP2, f"run_dir={run}")
+    return run
+
+
+def test_resume_after_interruption_is_bitwise_identical(ref, resumed):
+    log = train_log(resumed).split("=== killed ===\n")[1]
+    assert f"resumed from {step_dir(resumed, 4)} at step 4 (32 samples consumed)" in log
+    # metrics.jsonl was trimmed to step 4 and steps 5..8 logged again: each step exactly once
+    assert loss_steps(resumed) == list(range(1, STEPS + 1))
+    assert [m["step"] for m in metrics(resumed) if "val_loss" in m] == [STEPS]
+    assert losses(resumed) == losses(ref)  # bitwise: the same floats
+    assert [m for m in metrics(resumed) if "val_loss" in m] == [m for m in metrics(ref) if "val_loss" in m]
+
+
+def test_save_killed_half_way_resumes_from_previous_checkpoint(resumed):
+    from megatron_lite.checkpoint import verify
+    log = train_log(resumed).split("=== killed ===\n")[1]
+    assert re.search(r"resumed from \S+/step_0000004 at step 4", log), log
+    assert "step_0000006.tmp" not in log  # the partial save is never a candidate
+    # the partial save was cleaned up, and step 6 was saved again, completely
+    assert ckpt_names(resumed) == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]
+    for step in (6, 8):
+        verify(step_dir(resumed, step))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Resharding: the DP2 x TP2 + SP checkpoint continues at TP4, DP4 x TP1 and on one process.
+# ---------------------------------------------------------------------------------------------------------
+
+LAYOUTS = {  # name: (processes, overrides, load the step dir (else: a run dir whose newest checkpoint it is))
+    "TP4": (4, ["parallel.tp=4"], True),
+    "DP4xTP1": (4, ["parallel.tp=1"], True),
+    "single-process": (1, ["parallel.tp=1"], False),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_load_at_another_layout_continues_the_run(ref, tmp_path, layout):
+    nproc, overrides, by_step_dir = LAYOUTS[layout]
+    source = step_dir(ref, 4)
+    if by_step_dir:
+        load = source
+    else:  # checkpoint.load=<run dir>: its newest complete checkpoint
+        load = tmp_path / "source_run"
+        shutil.copytree(source, step_dir(load, 4))
+    run = tmp_path / "run"
+    args = [*BASE, *overrides, f"checkpoint.load={load}", f"run_dir={run}"]
+    proc = torchrun(nproc, *args) if nproc > 1 else python_train(*args)
+    resolved = source if by_step_dir else step_dir(load, 4)
+    assert f"resumed from {resolved} at step 4 (32 samples consumed)" in train_log(run), proc.stdout
+    got = losses(run)
+    assert sorted(got) == list(range(5, STEPS + 1))
+    want = losses(ref)
+    print(f"\n{layout}: max relative loss difference over steps 5..8: "
+          f"{max(abs(got[s] - want[s]) / abs(want[s]) for s in got):.1e}")
+    assert_close(got, want, range(5, STEPS + 1), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. A worker SIGKILLed mid-run (during a save) under --max-restarts=1: torchrun restarts the group, which
+#    resumes from the newest complete checkpoint and finishes with the uninterrupted run's losses.
+# ---------------------------------------------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _rank(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+# torch (2.13) shares the agent's TCPStore with the workers and does not prefix their keys per restart
+# (pytorch/pytorch#135712): megatron_lite.parallel keeps each restart's keys apart. Both the default launcher
+# and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per round) must restart and resume.
+@pytest.mark.parametrize("launcher_env", [
+    pytest.param({}, id="torchrun-default"),
+    pytest.param({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, id="unshared-store"),
+])
+def test_worker_killed_mid_run_restarts_and_matches(ref, tmp_path, launcher_env):
+    run = tmp_path / "run"
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=4", "--max-restarts=1", "--monitor-interval=0.2",
+           str(ROOT / "train.py"), *BASE, *DP2TP2, f"run_dir={run}"]
+    out = open(tmp_path / "torchrun.out", "w")
+    agent = subprocess.Popen(cmd, cwd=ROOT, env={**env(), **launcher_env}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # Kill rank 1 as soon as step 4's save starts (its .tmp dir appears), or failing that once it is done.
+        deadline = time.monotonic() + 180
+        while not (step_dir(run, 4).with_name("step_0000004.tmp").exists() or step_dir(run, 4).exists()):
+            assert agent.poll() is None, (tmp_path / "torchrun.out").read_text()
+            assert time.monotonic() < deadline, "no checkpoint of step 4 after 180 s"
+            time.sleep(0.002)
+        in_save = not step_dir(run, 4).exists()
+        victim = next(p for p in _children(agent.pid) if _rank(p) == 1)
+        os.kill(victim, signal.SIGKILL)
+        rc = agent.wait(timeout=240)
+    finally:
+        if agent.poll() is None:  # the test failed: end the job (its workers run in sessions of their own)
+            stray = _children(agent.pid)
+            agent.kill()
+            agent.wait()
+            for pid in stray:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        out.close()
+    output = (tmp_path / "torchrun.out").read_text()
+    assert rc == 0, "\n".join([ln for ln in output.splitlines() if "Error" in ln][:5] + [output[-3000:]])
+    log = train_log(run)
+    resumed = re.findall(r"resumed from (\S+) at step (\d+)", log)
+    assert len(resumed) == 1, log
+    print(f"\nkilled rank 1 (pid {victim}) {'during' if in_save else 'after'} step 4's save; "
+          f"restarted workers: {log[log.index('resumed from'):].splitlines()[0]}")
+    assert int(resumed[0][1]) in (2, 4)
+    assert loss_steps(run) == list(range(1, STEPS + 1))
+    assert_close(losses(run), losses(ref), range(1, STEPS + 1), rel=1e-6)
+    assert losses(run) == losses(ref)  # same layout, same data order: bitwise
+    assert ckpt_names(run) == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. A truncated shard: resume=auto names the file and falls back; checkpoint.load of it fails naming it.
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def truncated(ref, tmp_path_factory):
+    run = copy_run(ref, tmp_path_factory.mktemp("truncated") / "run")
+    shard = step_dir(run, 8) / "__1_0.distcp"
+    cut, size = truncate(shard)
+    (run / "train.log").write_text(train_log(run) + "=== truncated ===\n")
+    proc = torchrun(4, *BASE, *DP2TP2, f"run_dir={run}")
+    return run, shard, cut, size, proc
+
+
+def test_truncated_shard_falls_back_to_older_checkpoint(ref, truncated):
+    run, shard, cut, size, proc = truncated
+    log = train_log(run).split("=== truncated ===\n")[1]
+    warning = (f"warning: checkpoint {step_dir(run, 8)} is damaged: shard {shard} is truncated ({cut} of "
+               f"{size} bytes); falling back to an older checkpoint")
+    assert warning in log, log
+    print("\n" + warning)
+    assert f"resumed from {step_dir(run, 6)} at step 6" in log
+    assert loss_steps(run) == list(range(1, STEPS + 1))
+    assert losses(run) == losses(ref)
+
+
+def test_save_replaces_damaged_checkpoint_of_same_step(truncated):
+    """After falling back from a damaged step 8 and training to step 8 again, step 8 is the new, intact save."""
+    from megatron_lite.checkpoint import verify
+    run, shard, *_ = truncated
+    assert "saved checkpoint " + str(step_dir(run, 8)) in train_log(run).split("=== truncated ===\n")[1]
+    assert ckpt_names(run) == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]  # no .tmp left
+    verify(step_dir(run, 8))
+
+
+def test_load_of_truncated_checkpoint_fails_naming_the_file(ref, tmp_path):
+    damaged = shutil.copytree(step_dir(ref, 8), tmp_path / "ckpt" / "step_0000008")
+    cut, size = truncate(damaged / "__1_0.distcp")
+    proc = python_train(*BASE, "parallel.tp=1", "checkpoint.resume=never", f"checkpoint.load={damaged}",
+                        f"run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode != 0
+    message = f"checkpoint {damaged} is damaged: shard {damaged / '__1_0.distcp'} is truncated ({cut} of {size} bytes)"
+    assert message in proc.stderr, proc.stderr[-4000:]
+    print("\n" + next(line for line in proc.stderr.splitlines() if message in line))
+    assert "loss" not in (tmp_path / "run" / "train.log").read_text()  # no step was taken
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6 + 9. Async save writes what a synchronous save writes; keep=K keeps the newest K complete checkpoints.
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def async_run(ref, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("async") / "run"
+    torchrun(4, *BASE, *DP2TP2, "checkpoint.async_save=true", "checkpoint.keep=2", f"run_dir={run}")
+    return run
+
+
+def _consolidated(ckpt: Path, out: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(ckpt), str(out))
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("step", [6, 8])
+def test_async_save_equals_sync_save(ref, async_run, tmp_path, step):
+    sync = _consolidated(step_dir(ref, step), tmp_path / "sync.pt")
+    asyn = _consolidated(step_dir(async_run, step), tmp_path / "async.pt")
+    assert sorted(sync) == sorted(asyn)
+    assert any(k.startswith("model.") for k in sync) and any(k.startswith("optim.") and k.endswith("exp_avg_sq")
+                                                              for k in sync)
+    for key in sync:
+        a, b = sync[key], asyn[key]
+        if isinstance(a, torch.Tensor):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), key
+        else:
+            assert a == b, key
+    meta = json.loads((step_dir(async_run, step) / "meta.json").read_text())
+    assert (meta["step"], meta["consumed_samples"]) == (step, step * 8)
+    assert losses(async_run) == losses(ref)
+
+
+def test_keep_keeps_newest_complete_checkpoints(async_run):
+    assert ckpt_names(async_run) == ["step_0000006", "step_0000008"]  # 2 and 4 deleted, no .tmp left
+    saved = re.findall(r"saved checkpoint \S+/(step_\d+)", train_log(async_run))
+    assert saved == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Loading what cannot be loaded fails with a message naming the problem.
+# ---------------------------------------------------------------------------------------------------------
+
+def test_load_of_other_model_shape_fails_naming_parameter_and_shapes(ref, tmp_path):
+    proc = python_train(*BASE, "parallel.tp=1", "model.hidden_size=32", f"checkpoint.load={step_dir(ref, 4)}",
+                        f"run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode != 0
+    m = re.search(r"checkpoint \S+/step_0000004: parameter (\S+) has shape (\[[\d, ]+\]) there but "
+                  r"(\[[\d, ]+\]) in this model[^\n]*", proc.stderr)
+    assert m, proc.stderr[-4000:]
+    assert m[2] != m[3] and "64" in m[2] and "32" in m[3], m[0]
+    print("\n" + m[0])
+
+
+def test_load_of_dir_without_checkpoint_says_so(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = python_train(*BASE, "parallel.tp=1", f"checkpoint.load={empty}", f"run_dir={tmp_path / 'run'}",
+                        check=False)
+    assert proc.returncode != 0
+    assert f"no checkpoint in {empty}" in proc.stderr, proc.stderr[-4000:]
+    print("\n" + next(line for line in proc.stderr.splitlines() if line.startswith("megatron_lite.checkpoint.")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. The consolidated export gives the sharded model's loss (one process, and the checkpoint at TP2 + SP).
+# ---------------------------------------------------------------------------------------------------------
+
+def _fixed_batch(vocab_size: int, seq_len: int):
+    tokens = torch.randint(0, vocab_size, (4, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+@torch.no_grad()
+def _loss(model) -> float:
+    x, y = _fixed_batch(model.config.vocab_size, model.config.seq_len)
+    return model(x.to(model.ctx.device), y.to(model.ctx.device)).item()
+
+
+@pytest.fixture(scope="module")
+def ctx1():
+    """A one-process ParallelContext in this (pytest) process; its env variables do not leak to subprocesses."""
+    import torch.distributed as dist
+
+    from megatron_lite.parallel import init_parallel
+    saved = dict(os.environ)
+    try:
+        ctx = init_parallel(1, device="cpu")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    yield ctx
+    dist.destroy_process_group()
+
+
+def test_export_gives_the_sharded_models_loss(ref, tmp_path, ctx1):
+    from megatron_lite.checkpoint import load_model
+    from megatron_lite.export import load_exported
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "megatron_lite.export", str(ref), str(out)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"exported {step_dir(ref, 8)} -> {out}" in proc.stdout
+    print("\n" + proc.stdout.strip())
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.model"}
+
+    exported = load_exported(out, ctx1)
+    sharded = load_model(ref, ctx1)  # DCP reshards the DP2 x TP2 checkpoint to T=1
+    assert exported.state_dict().keys() == sharded.state_dict().keys()
+    for k, v in sharded.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v), k
+    loss_exported, loss_t1 = _loss(exported), _loss(sharded)
+
+    result = tmp_path / "tp2.json"  # the checkpoint as saved (TP2 + SP), on 2 processes
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(__file__)), "--loss", str(ref), str(result)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    loss_tp2 = json.loads(result.read_text())
+    assert loss_tp2["tp"] == 2 and loss_tp2["sp"] is True
+    print(f"loss on a fixed batch: exported {loss_exported!r}, sharded T=1 {loss_t1!r}, "
+          f"sharded TP2+SP {loss_tp2['loss']!r}")
+    assert loss_exported == loss_t1
+    assert math.isclose(loss_exported, loss_tp2["loss"], rel_tol=1e-5)
+    assert 5 < loss_exported < 10  # a trained-a-little model, not a broken one
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 10. Greedy generation from the checkpoint: the same tokens on one process and at TP=2.
+# ---------------------------------------------------------------------------------------------------------
+
+def _generate(*launcher: str, ckpt: Path) -> tuple[str, str]:
+    cmd = [*launcher, "-m", "megatron_lite.generate", str(ckpt), "--max-new-tokens", "10", "--temperature", "0",
+           "--prompt", "import os\n"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    header, _, text = proc.stdout.partition("\n")
+    return header, text
+
+
+def test_generate_greedy_same_on_one_process_and_tp2(ref):
+    header1, text1 = _generate(sys.executable, ckpt=ref)
+    header2, text2 = _generate(*TORCHRUN, "--standalone", "--nproc_per_node=2", ckpt=ref)
+    assert header1 == f"# {step_dir(ref, 8)} (TP=1)"
+    assert header2 == f"# {step_dir(ref, 8)} (TP=2)"
+    assert text1.startswith("import os\n") and len(text1) > len("import os\n")
+    assert text1 == text2
+    print(f"\ngreedy continuation (TP=1 and TP=2): {text1!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _loss_main(ckpt: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from megatron_lite.checkpoint import load_model
+    from megatron_lite.parallel import init_parallel
+    ctx = init_parallel(int(os.environ["WORLD_SIZE"]), device="cpu")
+    model = load_model(ckpt, ctx)
+    loss = _loss(model)
+    if ctx.is_first_rank:
+        Path(out).write_text(json.dumps({"loss": loss, "tp": ctx.tp_size, "sp": model.config.sequence_parallel}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--loss"]:
+        _loss_main(*sys.argv[2:4])
