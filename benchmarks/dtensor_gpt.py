@@ -113,7 +113,8 @@ class Replicated(ParallelStyle):
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         def params(name, mod, mesh):
             for p_name, p in list(mod.named_parameters(recurse=False)):
-                mod.register_parameter(p_name, nn.Parameter(DTensor.from_local(p, mesh, [Replicate()], run_check=False)))
+                replicated = DTensor.from_local(p, mesh, [Replicate()], run_check=False)
+                mod.register_parameter(p_name, nn.Parameter(replicated))
 
         def inputs(mod, args, mesh):
             return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False) for a in args)

@@ -1,0 +1,1 @@
+"""megatron-lite benchmark suite: `python -m benchmarks.run` (see BENCHMARKS.md)."""

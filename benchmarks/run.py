@@ -1,0 +1,268 @@
+"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,3,4,5]`.
+
+1. against the peer: train-step time of megatron-lite / PyTorch-native TP (DTensor), T=2, SP off and on
+2. communication: every collective of a train step, counted, against the Megatron analysis (theory.py)
+3. activation memory per layer, measured, against Korthikanti et al. 2022 Table 2 (and its float32 adaptation)
+4. scaling: tokens/s for TP = 1, 2, 4 and the DP x TP layouts of 4 processes, fixed global batch
+5. MFU on one GPU (gpt2-small, bf16 autocast), PaLM's formula; skipped without CUDA
+
+CPU: gloo, N spawned processes with one thread each. GPUs: NCCL, one process per GPU; a job that needs more
+processes than there are GPUs runs on CPU (and says so). Sections 2 and 3 count things that do not depend
+on the device and always run on CPU. Prints tables and writes the numbers to a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_lite.model import GPTConfig
+
+from . import measure, theory
+from .launch import launch
+
+BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_heads=8, dropout=0.0, seed=0)
+SMALL = dict(BENCH, hidden_size=256, num_heads=4)  # section 1 context: less compute per collective and per op
+QUICK = dict(vocab_size=256, seq_len=32, num_layers=2, hidden_size=64, num_heads=4, dropout=0.0, seed=0)
+GPT2_SMALL = dict(vocab_size=50304, seq_len=1024, num_layers=12, hidden_size=768, num_heads=12, dropout=0.0)
+GOAL = 0.75  # megatron-lite / DTensor train-step time
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    return dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+                gpus=gpus, loadavg_start=list(os.getloadavg()))
+
+
+def mib(x: float) -> str:
+    return f"{x / 2**20:.3f}"
+
+
+def human_bytes(n: int) -> str:
+    for unit, div in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.4g} {unit}"
+    return f"{n} B"
+
+
+class Report:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = ""):
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def table(self, header: list[str], rows: list[list]):
+        cells = [header] + [[str(c) for c in r] for r in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+        for k, r in enumerate(cells):
+            self("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if k == 0:
+                self("  ".join("-" * w for w in widths))
+
+
+def shape_str(kw: dict, b: int) -> str:
+    return (f"L={kw['num_layers']} h={kw['hidden_size']} a={kw['num_heads']} s={kw['seq_len']} "
+            f"V={kw['vocab_size']} b={b}")
+
+
+def section_peer(rep: Report, args, shapes: dict[str, dict], dev) -> dict:
+    b = args.micro_batch
+    rep(f"== 1. megatron-lite vs PyTorch-native TP (DTensor), T=2, float32, micro-batch {b}, AdamW, no clipping")
+    rep(f"   device {dev}; {args.steps} steps after {args.warmup} warm-up, the two alternating step by step in the "
+        f"same 2 processes; s/step = median of the slowest rank's step time")
+    for name, kw in shapes.items():
+        rep(f"   {name}: {shape_str(kw, b)}")
+    res = launch(measure.ab_worker, 2, shapes, b, args.warmup, args.steps, [False, True], args.profile,
+                         device_type=dev)
+    rows = []
+    for key, r in res.items():  # the goal is stated for the brief's shape; other shapes are context
+        verdict = ("met" if r["ratio"] <= GOAL else "NOT met") if r["config"] == BENCH else "(context)"
+        rows.append([r["shape"], "on" if r["sp"] else "off", f"{r['median']['megatron-lite']:.3f}",
+                     f"{r['median']['dtensor']:.3f}", f"{r['ratio']:.3f}", f"{r['paired_ratio']:.3f}", verdict,
+                     f"{r['loss_rel_diff']:.1e}"])
+    rep.table(["shape", "SP", "megatron-lite s/step", "DTensor s/step", "ratio ML/DT", "median paired ratio",
+               f"goal <= {GOAL}", "step-0 loss rel diff"], rows)
+    for key, r in res.items():
+        for name, prof in (r.get("profile") or {}).items():
+            rep(f"-- profile of one step, {name}, {key} (rank 0): self CPU {prof['total_ms']:.0f} ms, of which matmul "
+                f"{prof['matmul_ms']:.0f} ms + attention {prof['attention_ms']:.0f} ms = "
+                f"{100 * (prof['matmul_ms'] + prof['attention_ms']) / prof['total_ms']:.0f}%")
+            for line in prof["table"].splitlines():
+                rep("   " + line)
+    rep()
+    return res
+
+
+def section_comm(rep: Report, args, kw) -> list:
+    b = args.micro_batch
+    layouts = [(1, False), (2, False), (2, True), (4, False), (4, True)]
+    rep(f"== 2. collectives per train step (fwd+bwd of one micro-batch, DDP over DP), 4 processes, {shape_str(kw, b)}")
+    rep("   logical bytes, float32; counted with megatron_lite.comm_count.CollectiveCounter (DP: a DDP comm hook "
+        "calling the default allreduce_hook); theory: benchmarks/theory.py")
+    res = launch(measure.comm_worker, 4, kw, b, layouts)
+    for r in res:
+        rep(f"-- DP={r['dp']} x TP={r['T']}, SP {'on' if r['sp'] else 'off'}: measured == theory on every rank: "
+            f"{'YES' if r['equal'] else 'NO'}" + (f"; DDP buckets (elements): {r['dp_buckets']}, local params "
+                                                  f"{r['local_params']}" if r["dp_buckets"] else ""))
+        labels: dict[tuple, list[str]] = {}
+        for it in r["items"]:
+            labels.setdefault((it["op"], it["group_size"], it["bytes"]), []).append(f"{it['count']:>3} {it['label']}")
+        exp = {(e["op"], e["group_size"], e["bytes"]): e["count"] for e in r["expected"]}
+        got = {(e["op"], e["group_size"], e["bytes"]): e["count"] for e in r["measured"]}
+        rows = []
+        for key in sorted(set(exp) | set(got)):
+            for k, label in enumerate(labels.get(key, ["  - (not in theory)"])):
+                rows.append([key[0], key[1], human_bytes(key[2]), exp.get(key, 0), got.get(key, 0)] if k == 0
+                            else ["", "", "", "", ""])
+                rows[-1].append(label)
+        rep.table(["op", "group", "bytes each", "theory", "measured", "where (theory count per step)"], rows)
+        total = lambda d: sum(k[2] * n for k, n in d.items())  # noqa: E731
+        ring = lambda d: sum(theory.ring_bytes(*k) * n for k, n in d.items())  # noqa: E731
+        rep(f"   total per step, logical: theory {human_bytes(total(exp))}, measured {human_bytes(total(got))}; "
+            f"sent per rank by ring algorithms: theory {human_bytes(int(ring(exp)))}, "
+            f"measured {human_bytes(int(ring(got)))}")
+    rep()
+    return res
+
+
+def section_memory(rep: Report, args, kw) -> list:
+    b = args.micro_batch
+    s, h, a, F = kw["seq_len"], kw["hidden_size"], kw["num_heads"], 4 * kw["hidden_size"]
+    rep(f"== 3. activation memory saved for backward, per transformer layer, per rank, {shape_str(kw, b)}, dropout 0")
+    rep("   measured: saved_tensors_hooks around one block's forward, deduplicated by storage, parameters left out")
+    rep("   Table 2: Korthikanti et al. 2022 (16-bit): sbh(34 + 5as/h); TP sbh(10 + 24/t + 5as/(ht)); "
+        "TP+SP sbh/t(34 + 5as/h)")
+    rep("   adapted (float32, no dropout, SDPA flash): sbh(64 + 4a/h) + 16sb; TP sbh(16 + 48/t + 4a/(ht)) + 16sb; "
+        "TP+SP [sbh(64 + 4a/h) + 16sb]/t;")
+    rep("   selective drops 4a/h (the log-sum-exp), full keeps 4sbh (/t with SP)")
+    res = launch(measure.memory_worker, 4, kw, b, [1, 2, 4], ["none", "selective", "full"])
+    base = {r["recompute"]: r["bytes"] for r in res if r["T"] == 1}
+    rows = []
+    for r in res:
+        T, sp, rc = r["T"], r["sp"], r["recompute"]
+        paper = theory.korthikanti_table2(s, b, h, a, T, sp, rc)
+        adapted = theory.adapted_activation_bytes(s, b, h, a, F, T, sp, rc)
+        r.update(table2_16bit=paper, adapted_fp32=adapted, vs_T1=r["bytes"] / base[rc])
+        rows.append([T, "on" if sp else "off", rc, mib(paper), mib(adapted), mib(r["bytes"]),
+                     f"{r['bytes'] / adapted:.4f}", f"{r['vs_T1']:.4f}" + (f" (1/T = {1 / T:.4f})" if sp else "")])
+    rep.table(["T", "SP", "recompute", "Table2 16-bit MiB", "adapted fp32 MiB", "measured MiB", "measured/adapted",
+               "measured / T=1"], rows)
+    rep()
+    return [{k: v for k, v in r.items() if k != "tensors"} | {"tensors": [list(t) for t in r["tensors"]]} for r in res]
+
+
+def section_scaling(rep: Report, args, kw, dev, n_gpu) -> list:
+    gb = args.global_batch
+    d = dev if dev == "cuda" and n_gpu >= 4 else "cpu"
+    layouts = [(1, 1, False), (2, 1, False), (2, 2, False), (2, 2, True), (4, 1, False), (4, 2, False), (4, 2, True),
+               (4, 4, False), (4, 4, True)]
+    rep(f"== 4. scaling: megatron-lite tokens/s, fixed global batch {gb} x {kw['seq_len']} tokens, "
+        f"{shape_str(kw, gb)[:-len(f' b={gb}')]}, AdamW; device {d}")
+    rep(f"   all layouts in one 4-process job, taking turns step by step ({args.scale_steps} rounds after 1 warm-up); "
+        f"ranks outside a layout wait; median of the slowest rank")
+    if d == "cpu" and (os.cpu_count() or 1) < 4:
+        rep(f"   note: {os.cpu_count()} cores: layouts of more than {os.cpu_count()} processes oversubscribe the CPU")
+    res = launch(measure.scaling_worker, 4, kw, gb, layouts, 1, args.scale_steps, device_type=d)
+    base = res[0]["tokens_per_s"]
+    rows = [[r["procs"], f"DP{r['dp']} x TP{r['tp']}", "on" if r["sp"] else "off", r["micro_batch"],
+             f"{r['median_s']:.3f}", f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / base:.2f}"] for r in res]
+    rep.table(["procs", "layout", "SP", "micro-batch", "s/step", "tokens/s", "vs 1 process"], rows)
+    rep()
+    for r in res:
+        r["device"] = d
+    return res
+
+
+def section_mfu(rep: Report, args, dev) -> dict:
+    rep("== 5. MFU on one GPU: gpt2-small (L=12 h=768 a=12 s=1024 V=50304), T=1, bf16 autocast, AdamW (fused)")
+    if dev != "cuda":
+        rep("   skipped: no GPU")
+        rep()
+        return {"skipped": "no GPU"}
+    cfg = GPTConfig(**GPT2_SMALL)
+    r = launch(measure.mfu_worker, 1, GPT2_SMALL, args.mfu_batch, 3, args.mfu_steps, device_type="cuda")
+    peak = theory.peak_tflops(r["gpu"])
+    r.update(flops_per_token=theory.flops_per_token(cfg), non_embedding_params=theory.non_embedding_params(cfg),
+             peak_tflops=peak, mfu=theory.mfu(r["tokens_per_s"], cfg, peak) if peak else None)
+    rep(f"   {r['gpu']}: micro-batch {r['micro_batch']}, {r['median_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} "
+        f"tokens/s, N = {r['non_embedding_params'] / 1e6:.1f} M non-embedding params, "
+        f"{r['flops_per_token'] / 1e9:.3f} GFLOP/token (6N + 12*L*h*s)")
+    rep("   MFU = tokens/s x FLOP/token / peak = " + (f"{100 * r['mfu']:.1f}% of {peak:.0f} TFLOP/s (dense bf16)"
+                                                      if peak else "n/a (GPU not in the peak table)")
+        + f"; peak memory {r['max_memory_gib']:.1f} GiB")
+    rep()
+    return r
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
+    p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--sections", default="1,2,3,4,5", help="comma-separated subset of 1..5")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
+    p.add_argument("--global-batch", type=int, default=None, help="section 4 (default 8)")
+    p.add_argument("--scale-steps", type=int, default=None, help="measured steps per layout in section 4 (default 4)")
+    p.add_argument("--mfu-batch", type=int, default=8)
+    p.add_argument("--mfu-steps", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one step of each contender")
+    args = p.parse_args(argv)
+    quick = args.quick
+    for name, full, small in (("steps", 16, 2), ("warmup", 2, 1), ("micro_batch", 4, 2), ("global_batch", 8, 4),
+                              ("scale_steps", 4, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    kw = QUICK if quick else BENCH
+    sections = {int(x) for x in args.sections.split(",") if x.strip()}
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    n_gpu = torch.cuda.device_count() if dev == "cuda" else 0
+
+    t0 = time.perf_counter()
+    rep = Report()
+    info = machine_info()
+    rep(f"megatron-lite benchmarks{' (--quick)' if quick else ''}: {info['cpu']}, {info['cores']} cores, torch "
+        f"{info['torch']}, GPU: {', '.join(info['gpus']) or 'none'}; "
+        f"load average at start {info['loadavg_start'][0]:.2f}")
+    rep()
+    result = dict(machine=info, args=vars(args), config=kw, device=dev, goal_ratio=GOAL)
+    if 1 in sections:
+        shapes = {"quick": QUICK} if quick else {"brief (h=512)": BENCH, "small (h=256)": SMALL}
+        result["peer"] = section_peer(rep, args, shapes, dev if n_gpu >= 2 else "cpu")
+    if 2 in sections:
+        result["comm"] = section_comm(rep, args, kw)
+    if 3 in sections:
+        result["memory"] = section_memory(rep, args, kw)
+    if 4 in sections:
+        result["scaling"] = section_scaling(rep, args, kw, dev, n_gpu)
+    if 5 in sections:
+        result["mfu"] = section_mfu(rep, args, dev)
+    info["loadavg_end"] = list(os.getloadavg())
+    result["wall_s"] = time.perf_counter() - t0
+    rep(f"total {result['wall_s']:.0f} s; load average at end {info['loadavg_end'][0]:.2f}; numbers in {args.out}")
+    result["report"] = rep.lines
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()

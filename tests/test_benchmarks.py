@@ -1,0 +1,109 @@
+"""The benchmark suite's own checks: the DTensor peer equals megatron-lite, collectives equal theory,
+activation memory equals the adapted Korthikanti formula (and falls as 1/T under SP)."""
+import json
+
+import torch
+import torch.distributed as dist
+
+from distributed import run_distributed
+from megatron_lite.model import GPT, GPTConfig
+from megatron_lite.parallel import build_parallel_context
+from megatron_lite.tensor_parallel import tp_partition_dim
+
+from benchmarks import run, theory
+from benchmarks.dtensor_gpt import build_dtensor_gpt, dtensor_loss_and_backward, full_grad, gather_full_state_dict
+from benchmarks.measure import comm_worker, memory_worker
+
+CFG = dict(vocab_size=256, seq_len=16, num_layers=2, hidden_size=32, num_heads=4, dropout=0.0, seed=7)
+B = 3
+
+
+def _full_grads(model, ctx):
+    out = {}
+    for name, p in model.named_parameters():
+        dim = tp_partition_dim(p)
+        if dim is None:
+            out[name] = p.grad.clone()
+        else:
+            parts = [torch.empty_like(p.grad) for _ in range(ctx.tp_size)]
+            dist.all_gather(parts, p.grad.contiguous(), group=ctx.tp_group)
+            out[name] = torch.cat(parts, dim=dim)
+    return out
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _peer_worker():
+    ctx = build_parallel_context(2)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, CFG["vocab_size"], (B, CFG["seq_len"] + 1), generator=g)
+    targets = tokens[:, 1:].clone()
+    targets[0, :4] = -100
+    tokens = tokens[:, :-1]
+    for sp in (False, True):
+        ml = GPT(GPTConfig(**CFG, sequence_parallel=sp), ctx)
+        dt = build_dtensor_gpt(ml.config, ctx.tp_group, gather_full_state_dict(ml), sp)
+        loss_ml = ml(tokens, targets)
+        loss_ml.backward()
+        loss_dt = dtensor_loss_and_backward(dt, tokens, targets)
+        assert abs(loss_ml.item() - loss_dt.item()) / loss_ml.item() < 1e-5, (sp, loss_ml.item(), loss_dt.item())
+        ml_grads = _full_grads(ml, ctx)
+        dt_params = dict(dt.named_parameters())  # the tied lm_head is wte (named once)
+        assert set(dt_params) == set(ml_grads), set(dt_params) ^ set(ml_grads)
+        for name, grad in ml_grads.items():
+            err = _rel(full_grad(dt_params[name]), grad)
+            assert err < 1e-5, f"sp={sp} {name}: gradient relative error {err:.2e}"
+
+
+def test_dtensor_peer_computes_megatron_lite_loss_and_gradients_at_T2():
+    run_distributed(_peer_worker, 2)
+
+
+def _comm_and_memory_worker():
+    layouts = [(1, False), (2, False), (2, True), (4, False), (4, True)]  # DP = 4 / T, DDP when DP > 1
+    for kw, lays in ((CFG, layouts), (dict(CFG, recompute="full"), [(2, False), (2, True)])):
+        for r in comm_worker(torch.device("cpu"), kw, B, lays):
+            tag = f"T={r['T']} sp={r['sp']} dp={r['dp']} {kw.get('recompute', 'none')}"
+            assert r["equal"], f"{tag}: measured {r['measured']} != theory {r['expected']}"
+            assert r["local_params"] == theory.local_params(GPTConfig(**kw), r["T"]), tag
+            if r["dp"] > 1:
+                assert sum(r["dp_buckets"]) == r["local_params"], tag
+    s, h, a = CFG["seq_len"], CFG["hidden_size"], CFG["num_heads"]
+    mem = memory_worker(torch.device("cpu"), CFG, B, [1, 2, 4], ["none", "selective", "full"])
+    assert len(mem) == 15
+    per_T1 = {r["recompute"]: r["bytes"] for r in mem if r["T"] == 1}
+    for r in mem:
+        adapted = theory.adapted_activation_bytes(s, B, h, a, 4 * h, r["T"], r["sp"], r["recompute"])
+        assert r["bytes"] == adapted, (r, adapted)
+        if r["sp"]:  # sequence parallelism: every saved activation is split, so memory falls as 1/T exactly
+            assert r["bytes"] * r["T"] == per_T1[r["recompute"]], r
+
+
+def test_collectives_equal_theory_and_activation_memory_equals_adapted_table2():
+    """Communication for T=2 and 4, SP on and off (and DP by DDP, and full recompute); memory at T=1, 2, 4."""
+    run_distributed(_comm_and_memory_worker, 4)
+
+
+def test_cli_writes_json_with_the_machine_and_skips_mfu_without_gpu(tmp_path):
+    out = tmp_path / "bench.json"
+    run.main(["--quick", "--sections", "5", "--device", "cpu", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["mfu"] == {"skipped": "no GPU"}
+    assert res["machine"]["cores"] >= 1 and res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
+    assert any("skipped: no GPU" in line for line in res["report"])
+
+
+def test_theory_matches_the_paper_formulas():
+    # float32 adaptation = 2 x Table 2 without dropout masks, the 5as/h term replaced by the log-sum-exp
+    s, b, h, a = 256, 4, 512, 8
+    sbh, sb = s * b * h, s * b
+    assert theory.adapted_activation_bytes(s, b, h, a, 4 * h) == sbh * (64 + 4 * a / h) + 16 * sb
+    assert theory.adapted_activation_bytes(s, b, h, a, 4 * h, t=4) == sbh * (16 + 48 / 4 + 4 * a / (h * 4)) + 16 * sb
+    assert theory.korthikanti_table2(s, b, h, a, t=2) == sbh * (10 + 12 + 5 * a * s / (2 * h))
+    assert theory.korthikanti_table2(s, b, h, a, t=2, sp=True, recompute="selective") == sbh / 2 * 34
+    cfg = GPTConfig(vocab_size=50304, seq_len=1024, num_layers=12, hidden_size=768, num_heads=12)
+    assert theory.non_embedding_params(cfg) == 12 * (12 * 768 * 768 + 13 * 768) + 2 * 768  # GPT-2 small: 85 M
+    assert theory.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert theory.peak_tflops("NVIDIA H100 PCIe") == 756.0
