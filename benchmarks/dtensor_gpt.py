@@ -28,7 +28,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel,
                                                loss_parallel, parallelize_module)
 
-from megatron_lite.tensor_parallel import tp_partition_dim
 
 
 class DenseBlock(nn.Module):
@@ -91,21 +90,6 @@ def dense_gpt_from_config(cfg) -> DenseGPT:
     return DenseGPT(cfg.vocab_size, cfg.seq_len, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.ffn_hidden_size)
 
 
-@torch.no_grad()
-def gather_full_state_dict(model) -> dict[str, torch.Tensor]:
-    """megatron-lite's full weights, gathered from its TP shards (collective over its TP group)."""
-    ctx, out = model.ctx, {}
-    for name, p in model.named_parameters():
-        dim = tp_partition_dim(p)
-        if dim is None or ctx.tp_size == 1:
-            out[name] = p.detach().clone()
-        else:
-            parts = [torch.empty_like(p) for _ in range(ctx.tp_size)]
-            dist.all_gather(parts, p.detach().contiguous(), group=ctx.tp_group)
-            out[name] = torch.cat(parts, dim=dim)
-    return out
-
-
 class Replicated(ParallelStyle):
     """Plain TP: parameters become Replicate DTensors, the (replicated) input is annotated Replicate, the
     output is handed back as a local tensor. No communication forward or backward."""
@@ -152,7 +136,7 @@ def parallelize_dense_gpt(model: DenseGPT, tp_group: dist.ProcessGroup, sequence
 
 def build_dtensor_gpt(cfg, tp_group: dist.ProcessGroup, full_state: dict[str, torch.Tensor],
                       sequence_parallel: bool) -> DenseGPT:
-    """The peer of megatron-lite's GPT(cfg): same weights (`full_state`, e.g. `gather_full_state_dict`)."""
+    """The peer of megatron-lite's GPT(cfg): same weights (`full_state`, e.g. `GPT.full_state()`)."""
     model = dense_gpt_from_config(cfg)
     state = dict(full_state, **{"lm_head.weight": full_state["wte.weight"]})
     model.load_state_dict(state, strict=True)

@@ -19,7 +19,7 @@ from megatron_lite.model import GPT, GPTConfig
 from megatron_lite.parallel import ParallelContext, build_parallel_context
 from megatron_lite.tensor_parallel.random import checkpoint
 
-from .dtensor_gpt import build_dtensor_gpt, gather_full_state_dict
+from .dtensor_gpt import build_dtensor_gpt
 from .launch import adamw, batch, dt_step, ml_step, slowest_rank, timed
 from .theory import DP_GRADS, comm_items, theory
 
@@ -37,7 +37,7 @@ def ab_worker(device, shapes: dict[str, dict], micro_batch: int, warmup: int, st
         for sp in sps:
             cfg = GPTConfig(**cfg_kw, sequence_parallel=sp)
             ml = GPT(cfg, ctx)
-            dt = build_dtensor_gpt(cfg, ctx.tp_group, gather_full_state_dict(ml), sp)
+            dt = build_dtensor_gpt(cfg, ctx.tp_group, ml.full_state(), sp)
             contenders = {"megatron-lite": (ml_step, ml, adamw(ml)), "dtensor": (dt_step, dt, adamw(dt))}
             times = {k: [] for k in contenders}
             first_loss = {}

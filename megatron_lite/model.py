@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
-                              register_replicated_grad_sum, tp_partition_dim, vocab_parallel_cross_entropy)
+                              gather_tp_shards, register_replicated_grad_sum, tp_partition_dim,
+                              vocab_parallel_cross_entropy)
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
 
 
@@ -137,6 +138,11 @@ class GPT(nn.Module):
 
     def _dropout(self, x):
         return _residual_dropout(x, self.config, self.rng, self.training)
+
+    def full_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """Every parameter (or its gradient) as the full, unsharded tensor: collective over the TP group."""
+        return {n: gather_tp_shards(p.grad if grads else p, tp_partition_dim(p), self.ctx.tp_group)
+                for n, p in self.named_parameters()}
 
     def num_parameters(self) -> tuple[int, int]:
         """(full model, this rank), counting a tied embedding once."""

@@ -3,32 +3,17 @@ activation memory equals the adapted Korthikanti formula (and falls as 1/T under
 import json
 
 import torch
-import torch.distributed as dist
 
 from distributed import run_distributed
 from megatron_lite.model import GPT, GPTConfig
 from megatron_lite.parallel import build_parallel_context
-from megatron_lite.tensor_parallel import tp_partition_dim
 
 from benchmarks import run, theory
-from benchmarks.dtensor_gpt import build_dtensor_gpt, dtensor_loss_and_backward, full_grad, gather_full_state_dict
+from benchmarks.dtensor_gpt import build_dtensor_gpt, dtensor_loss_and_backward, full_grad
 from benchmarks.measure import comm_worker, memory_worker
 
 CFG = dict(vocab_size=256, seq_len=16, num_layers=2, hidden_size=32, num_heads=4, dropout=0.0, seed=7)
 B = 3
-
-
-def _full_grads(model, ctx):
-    out = {}
-    for name, p in model.named_parameters():
-        dim = tp_partition_dim(p)
-        if dim is None:
-            out[name] = p.grad.clone()
-        else:
-            parts = [torch.empty_like(p.grad) for _ in range(ctx.tp_size)]
-            dist.all_gather(parts, p.grad.contiguous(), group=ctx.tp_group)
-            out[name] = torch.cat(parts, dim=dim)
-    return out
 
 
 def _rel(a, b):
@@ -44,12 +29,12 @@ def _peer_worker():
     tokens = tokens[:, :-1]
     for sp in (False, True):
         ml = GPT(GPTConfig(**CFG, sequence_parallel=sp), ctx)
-        dt = build_dtensor_gpt(ml.config, ctx.tp_group, gather_full_state_dict(ml), sp)
+        dt = build_dtensor_gpt(ml.config, ctx.tp_group, ml.full_state(), sp)
         loss_ml = ml(tokens, targets)
         loss_ml.backward()
         loss_dt = dtensor_loss_and_backward(dt, tokens, targets)
         assert abs(loss_ml.item() - loss_dt.item()) / loss_ml.item() < 1e-5, (sp, loss_ml.item(), loss_dt.item())
-        ml_grads = _full_grads(ml, ctx)
+        ml_grads = ml.full_state(grads=True)
         dt_params = dict(dt.named_parameters())  # the tied lm_head is wte (named once)
         assert set(dt_params) == set(ml_grads), set(dt_params) ^ set(ml_grads)
         for name, grad in ml_grads.items():

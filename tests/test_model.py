@@ -1,7 +1,6 @@
 """The whole GPT at T=2 and T=4 (SP on and off) against T=1 from the same seed; collective counts."""
 import pytest
 import torch
-import torch.distributed as dist
 
 from distributed import run_distributed
 from megatron_lite.comm_count import CollectiveCounter
@@ -11,20 +10,6 @@ from megatron_lite.tensor_parallel import tp_partition_dim
 
 CFG = dict(vocab_size=200, seq_len=16, num_layers=2, hidden_size=32, num_heads=4, dropout=0.0, seed=7)
 B = 3
-
-
-def full_grads(model, ctx):
-    """Every parameter's gradient as the full tensor, gathered from the TP shards."""
-    out = {}
-    for name, p in model.named_parameters():
-        dim = tp_partition_dim(p)
-        if dim is None:
-            out[name] = p.grad.clone()
-        else:
-            parts = [torch.empty_like(p.grad) for _ in range(ctx.tp_size)]
-            dist.all_gather(parts, p.grad.contiguous(), group=ctx.tp_group)
-            out[name] = torch.cat(parts, dim=dim)
-    return out
 
 
 def rel_err(a, b):
@@ -47,7 +32,7 @@ def train_steps(model, steps=4):
         loss = model(tokens, targets)
         loss.backward()
         if step == 0:
-            grads = full_grads(model, model.ctx)
+            grads = model.full_state(grads=True)
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
@@ -168,7 +153,7 @@ def _recompute_worker():
             tokens, targets = batch(0)
             loss = model(tokens, targets)
             loss.backward()
-            results[mode] = (loss.item(), full_grads(model, ctx))
+            results[mode] = (loss.item(), model.full_state(grads=True))
         ref_loss, ref_grads = results["none"]
         for mode in ("selective", "full"):
             loss, grads = results[mode]

@@ -30,6 +30,16 @@ def tp_partition_dim(param: torch.Tensor) -> int | None:
     return getattr(param, "tp_partition_dim", None)
 
 
+def gather_tp_shards(local: torch.Tensor, dim: int | None, group: dist.ProcessGroup) -> torch.Tensor:
+    """The full tensor whose block of `dim` this rank holds (collective over `group`); a replicated one
+    (`dim` None) as it is. Each rank gets a detached copy."""
+    if dim is None or dist.get_world_size(group) == 1:
+        return local.detach().clone()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
 def _sharded_parameter(full_shape, dim, group, init_method: InitMethod, device) -> nn.Parameter:
     """Draw the full tensor, keep this rank's block of `dim`.
 
