@@ -41,13 +41,17 @@ def train_steps(model, steps=4):
 
 def _equivalence_worker():
     ref_ctx = build_parallel_context(1)
-    ref_losses, ref_grads = train_steps(GPT(GPTConfig(**CFG), ref_ctx))
+    ref_model = GPT(GPTConfig(**CFG), ref_ctx)
+    ref_weights = ref_model.full_state()
+    ref_losses, ref_grads = train_steps(ref_model)
     for T in (2, 4):
         ctx = build_parallel_context(T)
         for sp in (False, True):
             model = GPT(GPTConfig(**CFG, sequence_parallel=sp), ctx)
-            losses, grads = train_steps(model)
             tag = f"T={T} sp={sp}"
+            for name, w in model.full_state().items():  # the same seed gives the same model at every T
+                assert torch.equal(w, ref_weights[name]), f"{tag}: initial {name} differs from T=1"
+            losses, grads = train_steps(model)
             assert abs(losses[0] - ref_losses[0]) / ref_losses[0] < 1e-6, f"{tag}: loss {losses[0]} vs {ref_losses[0]}"
             assert grads.keys() == ref_grads.keys()
             for name, g in grads.items():
