@@ -1,4 +1,4 @@
-"""Measurement workers, run on N spawned processes by `launch()` of benchmarks/launch.py.
+"""Measurement workers of sections 1-6, run on N spawned processes by `launch()` of benchmarks/launch.py.
 
 Every worker runs on every rank (collectives need them all) and returns rank 0's result. Step times are
 the maximum over ranks of each step (the slowest rank sets the pace), summarised by their median after
@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from megatron_lite.comm_count import CollectiveCounter
 from megatron_lite.model import GPT, GPTConfig
 from megatron_lite.parallel import ParallelContext, build_parallel_context
+from megatron_lite.tensor_parallel.mappings import reduce_scatter_dim0
 from megatron_lite.tensor_parallel.random import checkpoint
 
 from .dtensor_gpt import build_dtensor_gpt
@@ -157,6 +158,15 @@ def saved_bytes_per_layer(model: GPT, micro_batch: int) -> tuple[int, list]:
     c, ctx = model.config, model.ctx
     S = c.seq_len // ctx.tp_size if c.sequence_parallel else c.seq_len
     x = torch.randn(S, micro_batch, c.hidden_size, device=ctx.device, requires_grad=True)
+    block = model.blocks[0]
+    if c.recompute == "full":
+        return saved_bytes(model, lambda: checkpoint(block, model.rng, x, model.rng))
+    return saved_bytes(model, lambda: block(x, model.rng))
+
+
+def saved_bytes(model, fn) -> tuple[int, list]:
+    """Bytes of the tensors that fn() saves for backward (this rank), deduplicated by storage, parameters of
+    `model` left out; and the list of (shape, dtype, bytes), largest first."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, tuple] = {}
 
@@ -166,12 +176,8 @@ def saved_bytes_per_layer(model: GPT, micro_batch: int) -> tuple[int, list]:
             seen.setdefault(st.data_ptr(), (tuple(t.shape), str(t.dtype), st.nbytes()))
         return t
 
-    block = model.blocks[0]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if c.recompute == "full":
-            y = checkpoint(block, model.rng, x, model.rng)
-        else:
-            y = block(x, model.rng)
+        y = fn()
     del y
     return sum(v[2] for v in seen.values()), sorted(seen.values(), key=lambda v: -v[2])
 
@@ -271,3 +277,120 @@ def mfu_worker(device, cfg_kw: dict, micro_batch: int, warmup: int, steps: int):
     med = statistics.median(times)
     return dict(median_s=med, tokens_per_s=micro_batch * cfg.seq_len / med, micro_batch=micro_batch,
                 gpu=torch.cuda.get_device_name(device), max_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+
+
+# ---- section 6: optimizations, before and after, interleaved ------------------------------------------
+
+def interleaved(contenders: dict, warmup: int, steps: int, device) -> tuple[dict, dict]:
+    """Run the contenders (name -> step(i) returning the loss) step by step in turn, rotating who goes first.
+    Returns ({name: slowest-rank time of each measured step}, {name: loss of every step})."""
+    names = list(contenders)
+    times = {k: [] for k in names}
+    losses = {k: [] for k in names}
+    for i in range(warmup + steps):
+        k0 = i % len(names)
+        for name in names[k0:] + names[:k0]:
+            t = timed(lambda: losses[name].append(contenders[name](i)), device)
+            if i >= warmup:
+                times[name].append(t)
+    return {k: slowest_rank(v, device) for k, v in times.items()}, losses
+
+
+def _summary(times: dict, losses: dict, baseline: str) -> dict:
+    """Medians, each contender's ratio to the baseline (of the medians, and the median and quartiles of the
+    per-step ratios), and the largest loss difference to the baseline over all steps (same math: ~0)."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = dict(times=times, median=med, baseline=baseline, ratio={}, paired={}, loss_max_diff={})
+    for k, v in times.items():
+        paired = sorted(a / b for a, b in zip(v, times[baseline]))
+        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        out["ratio"][k] = med[k] / med[baseline]
+        out["paired"][k] = dict(median=statistics.median(paired), q1=q[0], q3=q[2])
+        out["loss_max_diff"][k] = max(abs(a - b) for a, b in zip(losses[k], losses[baseline]))
+    return out
+
+
+def optimizations_worker(device, cfg_kw: dict, micro_batch: int, warmup: int, steps: int, sps: list[bool],
+                         caps: dict[str, float], recomputes: list[str]):
+    """Section 6 in one job of 2 processes: (a) column-parallel grad-reduce overlap on/off at T=2 for each SP
+    setting, (b) DP gradient reduction overlapped with backward or not at DP=2, (c) recompute at T=2, SP on."""
+    return dict(tp_overlap=tp_overlap_ab(device, cfg_kw, micro_batch, warmup, steps, sps),
+                dp_overlap=dp_overlap_ab(device, cfg_kw, micro_batch, warmup, steps, caps),
+                recompute=recompute_ab(device, cfg_kw, micro_batch, warmup, steps, True, recomputes))
+
+
+def tp_overlap_ab(device, cfg_kw: dict, micro_batch: int, warmup: int, steps: int, sps: list[bool]):
+    """Column-parallel backward with the input-gradient all-reduce (reduce-scatter under SP) overlapped with
+    the weight-gradient matmul (GPTConfig.tp_comm_overlap, the default) against the same collective waited
+    for before it; T = world size, DP 1, the same weights and batches."""
+    ctx = build_parallel_context(dist.get_world_size(), device)
+    out = []
+    for sp in sps:
+        contenders = {}
+        for name, overlap in (("overlap", True), ("no overlap", False)):
+            cfg = GPTConfig(**cfg_kw, sequence_parallel=sp, tp_comm_overlap=overlap)
+            model = GPT(cfg, ctx)
+            contenders[name] = _ml_step_fn(model, model, cfg, micro_batch, device)
+        res = _summary(*interleaved(contenders, warmup, steps, device), baseline="no overlap")
+        # what there is to hide: the step's 2L + 1 column-parallel input-gradient collectives, timed alone
+        grad = torch.randn(cfg.seq_len, micro_batch, cfg.hidden_size, device=device)
+        g = ctx.tp_group
+        one = _alone(lambda: reduce_scatter_dim0(grad, g) if sp else dist.all_reduce(grad, group=g), device)
+        out.append(dict(T=ctx.tp_size, sp=sp, collectives=2 * cfg.num_layers + 1, collective_bytes=grad.nbytes,
+                        collectives_alone_s=(2 * cfg.num_layers + 1) * one, **res))
+    return out
+
+
+def _alone(fn, device, n: int = 5) -> float:
+    """Median time of fn() alone, from a barrier, on the slowest rank (after one untimed call)."""
+    fn()
+    return statistics.median(slowest_rank([timed(fn, device) for _ in range(n)], device))
+
+
+def dp_overlap_ab(device, cfg_kw: dict, micro_batch: int, warmup: int, steps: int, caps: dict[str, float]):
+    """DDP over all ranks (TP 1) with each bucket cap of `caps` (name -> MiB; the last is the baseline): small
+    buckets are all-reduced while backward goes on; one bucket larger than the model fires when the last
+    gradient is ready, i.e. the reduction runs after backward, in one go. Records each one's buckets."""
+    ctx = build_parallel_context(1, device)
+    contenders, buckets = {}, {}
+    for name, cap in caps.items():
+        cfg = GPTConfig(**cfg_kw)
+        model = GPT(cfg, ctx)
+        net = DDP(model, process_group=ctx.dp_group, bucket_cap_mb=cap)
+        buckets[name] = []  # the bucket sizes of the latest step
+        net.register_comm_hook((ctx.dp_group, buckets[name]), _bucket_recording_hook)
+        step = _ml_step_fn(net, model, cfg, micro_batch, device, stream=ctx.dp_rank)
+        contenders[name] = lambda i, step=step, sizes=buckets[name]: (sizes.clear(), step(i))[1]
+    res = _summary(*interleaved(contenders, warmup, steps, device), baseline=list(caps)[-1])
+    flat = torch.zeros(model.num_parameters()[1], device=device)  # what there is to hide: one flat all-reduce
+    alone = _alone(lambda: dist.all_reduce(flat, group=ctx.dp_group), device)
+    return dict(dp=ctx.dp_size, caps=caps, buckets=buckets, local_params=flat.numel(), collective_bytes=flat.nbytes,
+                collectives_alone_s=alone, **res)
+
+
+def _bucket_recording_hook(state, bucket):  # DDP's default allreduce_hook, recording the bucket's size
+    group, sizes = state
+    sizes.append(bucket.buffer().numel())
+    return allreduce_hook(group, bucket)
+
+
+def recompute_ab(device, cfg_kw: dict, micro_batch: int, warmup: int, steps: int, sp: bool,
+                 recomputes: list[str]):
+    """Train-step time of recompute none / selective / full at T = world size, with the activation bytes
+    each saves for backward on this rank: one layer (section 3's measurement) and the whole forward."""
+    ctx = build_parallel_context(dist.get_world_size(), device)
+    contenders, memory = {}, {}
+    for rc in recomputes:
+        cfg = GPTConfig(**cfg_kw, sequence_parallel=sp, recompute=rc)
+        model = GPT(cfg, ctx).train()
+        tokens, targets = batch(cfg, micro_batch, 0, device)
+        memory[rc] = dict(layer_bytes=saved_bytes_per_layer(model, micro_batch)[0],
+                          forward_bytes=saved_bytes(model, lambda: model(tokens, targets))[0])
+        contenders[rc] = _ml_step_fn(model, model, cfg, micro_batch, device)
+    return dict(T=ctx.tp_size, sp=sp, memory=memory,
+                **_summary(*interleaved(contenders, warmup, steps, device), baseline=recomputes[0]))
+
+
+def _ml_step_fn(net, model, cfg, micro_batch, device, stream: int = 0):
+    opt = adamw(model)
+    return lambda i: ml_step(net, opt, *batch(cfg, micro_batch, i, device, stream=stream))

@@ -1,14 +1,17 @@
-"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,3,4,5]`.
+"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,3,4,5,6]`.
 
 1. against the peer: train-step time of megatron-lite / PyTorch-native TP (DTensor), T=2, SP off and on
 2. communication: every collective of a train step, counted, against the Megatron analysis (theory.py)
 3. activation memory per layer, measured, against Korthikanti et al. 2022 Table 2 (and its float32 adaptation)
 4. scaling: tokens/s for TP = 1, 2, 4 and the DP x TP layouts of 4 processes, fixed global batch
 5. MFU on one GPU (gpt2-small, bf16 autocast), PaLM's formula; skipped without CUDA
+6. optimizations, before and after: column-parallel grad-reduce overlap, DP gradient reduction overlapped with
+   backward (DDP buckets), recompute none/selective/full (time, and the memory of section 3)
 
 CPU: gloo, N spawned processes with one thread each. GPUs: NCCL, one process per GPU; a job that needs more
 processes than there are GPUs runs on CPU (and says so). Sections 2 and 3 count things that do not depend
-on the device and always run on CPU. Prints tables and writes the numbers to a JSON file.
+on the device and always run on CPU; so does section 6 (2 processes). Prints tables and writes the numbers
+to a JSON file.
 """
 from __future__ import annotations
 
@@ -210,24 +213,108 @@ def section_mfu(rep: Report, args, dev) -> dict:
     return r
 
 
+DP_CAPS = {"4 MiB buckets": 4, "25 MiB buckets (DDP default)": 25, "one bucket, after backward": 1024}
+
+
+def verdict(r: dict, name: str) -> str:
+    """One line on `name` against the baseline of an A/B summary: faster or slower only when at least 3/4 of
+    the paired per-step ratios agree (their quartiles lie on one side of 1)."""
+    p, pct = r["paired"][name], 100 * (r["ratio"][name] - 1)
+    spread = f"ratio of medians {r['ratio'][name]:.3f}, quartiles of the per-step ratios {p['q1']:.2f}-{p['q3']:.2f}"
+    if p["q3"] < 1:
+        return f"faster by {-pct:.0f}% ({spread})"
+    if p["q1"] > 1:
+        return f"slower by {pct:.0f}% ({spread})"
+    return f"no measurable difference ({spread}: within this machine's noise)"
+
+
+def _to_hide(r: dict, baseline: str, what: str) -> str:
+    """What an overlap can hide at most: the collectives it overlaps, timed alone."""
+    alone = r["collectives_alone_s"]
+    return (f"{what} take{'s' if what.startswith('the all-reduce') else ''} {1e3 * alone:.0f} ms alone "
+            f"({100 * alone / r['median'][baseline]:.0f}% of the baseline step): the most overlap can hide")
+
+
+def section_opt(rep: Report, args, kw, memory: list | None) -> dict:
+    b, steps = args.micro_batch, args.opt_steps
+    rep(f"== 6. optimizations, before and after: megatron-lite train steps, {shape_str(kw, b)}, AdamW; device cpu")
+    rep(f"   2 processes; {steps} steps after 1 warm-up; the contenders of each group take turns step by step in the "
+        f"same processes; ms/step = median of the slowest rank; the baseline is the un-optimized contender")
+    res = launch(measure.optimizations_worker, 2, kw, b, 1, steps, [False, True], DP_CAPS,
+                 ["none", "selective", "full"])
+    rows, verdicts = [], []
+
+    def group(what, layout, sp, r, labels):
+        for k, (name, label) in enumerate(labels.items()):
+            p = r["paired"][name]
+            rows.append([what if k == 0 else "", layout if k == 0 else "", sp if k == 0 else "", label,
+                         f"{1e3 * r['median'][name]:.0f}", f"{r['ratio'][name]:.3f}",
+                         f"{p['median']:.3f} ({p['q1']:.2f}-{p['q3']:.2f})", f"{r['loss_max_diff'][name]:.1e}"])
+
+    for r in res["tp_overlap"]:
+        sp = "on" if r["sp"] else "off"
+        group("a. column-parallel input-grad " + ("reduce-scatter" if r["sp"] else "all-reduce") + " || dW",
+              f"DP1 x TP{r['T']}", sp, r, {"overlap": "overlapped (default)", "no overlap": "before dW (baseline)"})
+        what = f"the step's {r['collectives']} {'reduce-scatters' if r['sp'] else 'all-reduces'} of " \
+               f"{human_bytes(r['collective_bytes'])}"
+        verdicts.append(f"a. TP overlap, SP {sp}: {verdict(r, 'overlap')}; {_to_hide(r, 'no overlap', what)}")
+    r = res["dp_overlap"]
+    labels = {name: f"{name} ({len(r['buckets'][name])})" for name in DP_CAPS}
+    group("b. DP grad all-reduce || backward", f"DP{r['dp']} x TP1", "off", r, labels)
+    for name in list(DP_CAPS)[:-1]:
+        verdicts.append(f"b. DP overlap, {name}: {verdict(r, name)}")
+    what = f"the all-reduce of all {human_bytes(r['collective_bytes'])} of gradients, in one go,"
+    verdicts.append(f"b. DP overlap: {_to_hide(r, list(DP_CAPS)[-1], what)}")
+    rep.table(["optimization", "layout", "SP", "contender (DDP: number of buckets)", "ms/step", "vs baseline",
+               "per-step ratio: median (quartiles)", "loss max |diff|"], rows)
+    rep("   DDP buckets (elements, last step): " + "; ".join(f"{k}: {v}" for k, v in r["buckets"].items())
+        + f"; local params {r['local_params']}")
+
+    r = res["recompute"]
+    sec3 = {m["recompute"]: m["bytes"] for m in memory or [] if m["T"] == r["T"] and m["sp"] == r["sp"]}
+    rep(f"-- c. activation recomputation (model.recompute), DP1 x TP{r['T']}, SP on: time and what it saves; "
+        f"memory = bytes saved for backward on one rank")
+    rows = []
+    for rc, m in r["memory"].items():
+        p = r["paired"][rc]
+        same = "" if rc not in sec3 else (" (= section 3)" if sec3[rc] == m["layer_bytes"] else " (!= section 3)")
+        rows.append([rc, f"{1e3 * r['median'][rc]:.0f}", f"{r['ratio'][rc]:.3f}",
+                     f"{p['median']:.3f} ({p['q1']:.2f}-{p['q3']:.2f})", mib(m["layer_bytes"]) + same,
+                     mib(m["forward_bytes"]), f"{r['loss_max_diff'][rc]:.1e}"])
+    rep.table(["recompute", "ms/step", "vs none", "per-step ratio: median (quartiles)", "per layer MiB",
+               "whole forward MiB", "loss max |diff|"], rows)
+    base = r["memory"]["none"]
+    for rc in ("selective", "full"):
+        m = r["memory"][rc]
+        verdicts.append(f"c. recompute={rc}: saves {mib(base['layer_bytes'] - m['layer_bytes'])} MiB per layer "
+                        f"({100 * (1 - m['layer_bytes'] / base['layer_bytes']):.1f}%), "
+                        f"{mib(base['forward_bytes'] - m['forward_bytes'])} MiB of the whole forward; step time: "
+                        + verdict(r, rc))
+    for line in verdicts:
+        rep("   verdict " + line)
+    rep()
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
     p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--sections", default="1,2,3,4,5", help="comma-separated subset of 1..5")
+    p.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated subset of 1..6")
     p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
     p.add_argument("--global-batch", type=int, default=None, help="section 4 (default 8)")
     p.add_argument("--scale-steps", type=int, default=None, help="measured steps per layout in section 4 (default 4)")
+    p.add_argument("--opt-steps", type=int, default=None, help="measured steps per contender in section 6 (default 10)")
     p.add_argument("--mfu-batch", type=int, default=8)
     p.add_argument("--mfu-steps", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one step of each contender")
     args = p.parse_args(argv)
     quick = args.quick
     for name, full, small in (("steps", 16, 2), ("warmup", 2, 1), ("micro_batch", 4, 2), ("global_batch", 8, 4),
-                              ("scale_steps", 4, 1)):
+                              ("scale_steps", 4, 1), ("opt_steps", 10, 2)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     kw = QUICK if quick else BENCH
@@ -254,6 +341,8 @@ def main(argv=None) -> dict:
         result["scaling"] = section_scaling(rep, args, kw, dev, n_gpu)
     if 5 in sections:
         result["mfu"] = section_mfu(rep, args, dev)
+    if 6 in sections:
+        result["optimizations"] = section_opt(rep, args, kw, result.get("memory"))
     info["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0
     rep(f"total {result['wall_s']:.0f} s; load average at end {info['loadavg_end'][0]:.2f}; numbers in {args.out}")

@@ -35,6 +35,7 @@ class GPTConfig:
     sequence_parallel: bool = False
     vocab_pad_multiple: int = 128  # independent of T, so the model is the same at every TP size
     recompute: str = "none"  # none | selective (attention core) | full (whole layer)
+    tp_comm_overlap: bool = True  # column-parallel backward: overlap the input-grad collective with dL/dW
     init_std: float = 0.02
     seed: int = 0  # weights and dropout streams
 
@@ -103,7 +104,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(c, kw, normal, residual_out) for _ in range(c.num_layers))
         self.ln_f = nn.LayerNorm(c.hidden_size)
         self.lm_head = None if c.tie_embeddings else ColumnParallelLinear(
-            c.hidden_size, c.padded_vocab_size, bias=False, init_method=normal, **kw)
+            c.hidden_size, c.padded_vocab_size, bias=False, overlap_grad_reduce=c.tp_comm_overlap,
+            init_method=normal, **kw)
         self.to(ctx.device)
         self.rng = RNGTracker(c.seed, ctx.tp_rank, ctx.device)
         # Under SP the replicated parameters (LayerNorms, row-parallel biases, position embeddings) see
@@ -130,7 +132,7 @@ class GPT(nn.Module):
                 x_SBH = block(x_SBH, self.rng)
         x_SBH = self.ln_f(x_SBH)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        logits_SBVt = column_parallel_linear(x_SBH, weight, None, group, sp)
+        logits_SBVt = column_parallel_linear(x_SBH, weight, None, group, sp, c.tp_comm_overlap)
         if targets is None:
             return logits_SBVt.transpose(0, 1)
         losses_SB = vocab_parallel_cross_entropy(logits_SBVt, targets.t(), group, vocab_size=c.vocab_size)
@@ -161,7 +163,8 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(c.hidden_size)
         self.attn = Attention(c, kw, normal, residual_out)
         self.ln_2 = nn.LayerNorm(c.hidden_size)
-        self.fc = ColumnParallelLinear(c.hidden_size, c.ffn_hidden_size, init_method=normal, **kw)
+        self.fc = ColumnParallelLinear(c.hidden_size, c.ffn_hidden_size, overlap_grad_reduce=c.tp_comm_overlap,
+                                       init_method=normal, **kw)
         self.proj = RowParallelLinear(c.ffn_hidden_size, c.hidden_size, init_method=residual_out, **kw)
 
     def forward(self, x_SBH, rng: RNGTracker):
@@ -180,7 +183,8 @@ class Attention(nn.Module):
     def __init__(self, c: GPTConfig, kw: dict, normal, residual_out):
         super().__init__()
         self.config = c
-        self.qkv = ColumnParallelLinear(c.hidden_size, 3 * c.hidden_size, init_method=normal, **kw)
+        self.qkv = ColumnParallelLinear(c.hidden_size, 3 * c.hidden_size, overlap_grad_reduce=c.tp_comm_overlap,
+                                        init_method=normal, **kw)
         self.proj = RowParallelLinear(c.hidden_size, c.hidden_size, init_method=residual_out, **kw)
 
     def forward(self, x_SBH, rng: RNGTracker):

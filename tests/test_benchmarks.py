@@ -92,3 +92,24 @@ def test_theory_matches_the_paper_formulas():
     assert theory.non_embedding_params(cfg) == 12 * (12 * 768 * 768 + 13 * 768) + 2 * 768  # GPT-2 small: 85 M
     assert theory.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert theory.peak_tflops("NVIDIA H100 PCIe") == 756.0
+
+
+def _optimizations_worker():
+    from benchmarks.measure import optimizations_worker
+    caps = {"small": 0.03, "one": 1024}  # ~130 KiB of gradients: several buckets, and one
+    r = optimizations_worker(torch.device("cpu"), CFG, B, 1, 1, [False, True], caps, ["none", "selective", "full"])
+    for res in r["tp_overlap"] + [r["dp_overlap"], r["recompute"]]:  # every contender does the same math
+        assert all(d == 0 for d in res["loss_max_diff"].values()), res["loss_max_diff"]
+    dp = r["dp_overlap"]
+    assert len(dp["buckets"]["small"]) > 1 and len(dp["buckets"]["one"]) == 1, dp["buckets"]
+    assert all(sum(b) == dp["local_params"] for b in dp["buckets"].values())
+    mem = r["recompute"]["memory"]
+    s, h, a = CFG["seq_len"], CFG["hidden_size"], CFG["num_heads"]
+    for rc, m in mem.items():
+        assert m["layer_bytes"] == theory.adapted_activation_bytes(s, B, h, a, 4 * h, 2, True, rc), (rc, m)
+    assert mem["full"]["forward_bytes"] < mem["selective"]["forward_bytes"] < mem["none"]["forward_bytes"], mem
+
+
+def test_optimization_contenders_compute_the_same_losses():
+    """Section 6: overlap on/off, DDP bucket caps and recompute modes change the schedule, not the math."""
+    run_distributed(_optimizations_worker, 2)

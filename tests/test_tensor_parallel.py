@@ -45,18 +45,20 @@ def _column(ctx, sp, gather_output):
     G = torch.randn(S, B, O)
     (dense(x) * G).sum().backward()
 
-    layer = ColumnParallelLinear(H, O, tp_group=g, sequence_parallel=sp, gather_output=gather_output)
-    with torch.no_grad():
-        layer.weight.copy_(block(dense.weight, r, T, 0))
-        layer.bias.copy_(block(dense.bias, r, T, 0))
-    x_in = (block(x, r, T, 0) if sp else x).detach().clone().requires_grad_()
-    y = layer(x_in)
-    want = dense(x) if gather_output else block(dense(x), r, T, 2)
-    check("column out", y, want)
-    (y * (G if gather_output else block(G, r, T, 2))).sum().backward()
-    check("column dx", x_in.grad, block(x.grad, r, T, 0) if sp else x.grad)
-    check("column dW", layer.weight.grad, block(dense.weight.grad, r, T, 0))
-    check("column db", layer.bias.grad, block(dense.bias.grad, r, T, 0))
+    for overlap in (True, False):  # input-grad collective overlapped with dW, or before it: the same math
+        layer = ColumnParallelLinear(H, O, tp_group=g, sequence_parallel=sp, gather_output=gather_output,
+                                     overlap_grad_reduce=overlap)
+        with torch.no_grad():
+            layer.weight.copy_(block(dense.weight, r, T, 0))
+            layer.bias.copy_(block(dense.bias, r, T, 0))
+        x_in = (block(x, r, T, 0) if sp else x).detach().clone().requires_grad_()
+        y = layer(x_in)
+        want = dense(x) if gather_output else block(dense(x), r, T, 2)
+        check(f"column out (overlap={overlap})", y, want)
+        (y * (G if gather_output else block(G, r, T, 2))).sum().backward()
+        check(f"column dx (overlap={overlap})", x_in.grad, block(x.grad, r, T, 0) if sp else x.grad)
+        check(f"column dW (overlap={overlap})", layer.weight.grad, block(dense.weight.grad, r, T, 0))
+        check(f"column db (overlap={overlap})", layer.bias.grad, block(dense.bias.grad, r, T, 0))
 
 
 def _row(ctx, sp, input_is_parallel):

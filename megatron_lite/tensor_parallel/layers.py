@@ -68,13 +68,15 @@ class _ColumnParallelLinearFn(torch.autograd.Function):
 
     Forward: under SP, all-gather x along the sequence (Korthikanti et al. 2022, `f-bar`); otherwise x is
     already replicated (paper's `f`, identity). Backward: dL/dx is all-reduced (reduce-scattered under SP)
-    asynchronously while dL/dW is computed, Megatron's overlap. Under SP only the local sequence shard of
-    x is saved, and it is gathered again in backward: activation memory stays 1/T."""
+    asynchronously while dL/dW is computed, Megatron's overlap; with `overlap_grad_reduce=False` it is
+    waited for before dL/dW (same math, the un-overlapped baseline). Under SP only the local sequence
+    shard of x is saved, and it is gathered again in backward: activation memory stays 1/T."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, group, sequence_parallel):
+    def forward(ctx, x, weight, bias, group, sequence_parallel, overlap_grad_reduce=True):
         ctx.group, ctx.sequence_parallel, ctx.has_bias = group, sequence_parallel, bias is not None
+        ctx.overlap_grad_reduce = overlap_grad_reduce
         ctx.save_for_backward(x, weight)
         x_total = all_gather_dim0(x, group) if sequence_parallel else x
         return F.linear(x_total, weight, bias)
@@ -93,34 +95,39 @@ class _ColumnParallelLinearFn(torch.autograd.Function):
         else:
             x_total = x
             reduce = dist.all_reduce(grad_in, group=group, async_op=True)
+        if not ctx.overlap_grad_reduce:
+            reduce.wait()  # the baseline: the collective alone first, then dL/dW
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = grad_out_2d.t().matmul(x_total.reshape(-1, x_total.shape[-1]).to(grad_out.dtype))
         grad_bias = grad_out_2d.sum(0) if ctx.has_bias else None
-        reduce.wait()
-        return grad_in, grad_weight, grad_bias, None, None
+        reduce.wait()  # a second wait (baseline) returns at once
+        return grad_in, grad_weight, grad_bias, None, None, None
 
 
-def column_parallel_linear(x, weight, bias, group, sequence_parallel: bool):
+def column_parallel_linear(x, weight, bias, group, sequence_parallel: bool, overlap_grad_reduce: bool = True):
     """The math of ColumnParallelLinear, shared with the tied output layer of the GPT."""
     if dist.get_world_size(group) == 1:
         return F.linear(x, weight, bias)
-    return _ColumnParallelLinearFn.apply(x, weight, bias, group, sequence_parallel)
+    return _ColumnParallelLinearFn.apply(x, weight, bias, group, sequence_parallel, overlap_grad_reduce)
 
 
 class ColumnParallelLinear(nn.Module):
     """Y = X A with A split by columns (Shoeybi et al. 2019, eq. 3): rank r computes Y_r = X A_r.
 
     The output stays split over the last dim unless `gather_output`. Under sequence parallelism the
-    input is this rank's sequence shard `[St, B, I]` and the output covers the whole sequence."""
+    input is this rank's sequence shard `[St, B, I]` and the output covers the whole sequence.
+    `overlap_grad_reduce`: overlap the input-gradient all-reduce (reduce-scatter under SP) with the
+    weight-gradient matmul in backward (default), or run it before (a baseline to measure against)."""
 
     def __init__(self, in_features: int, out_features: int, *, tp_group: dist.ProcessGroup, bias: bool = True,
-                 gather_output: bool = False, sequence_parallel: bool = False,
+                 gather_output: bool = False, sequence_parallel: bool = False, overlap_grad_reduce: bool = True,
                  init_method: InitMethod | None = None, device=None):
         super().__init__()
         T = dist.get_world_size(tp_group)
         self.in_features, self.out_features = in_features, out_features
         self.out_features_per_rank = _check_divisible(out_features, T, "out_features")
         self.tp_group, self.gather_output, self.sequence_parallel = tp_group, gather_output, sequence_parallel
+        self.overlap_grad_reduce = overlap_grad_reduce
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: gather_output is not supported with sequence_parallel")
         init_method = init_method or _default_weight_init(in_features)
@@ -129,7 +136,8 @@ class ColumnParallelLinear(nn.Module):
                      if bias else None)
 
     def forward(self, x):  # [S(t), B, I] -> [S, B, Ot] (or [S, B, O] with gather_output)
-        y = column_parallel_linear(x, self.weight, self.bias, self.tp_group, self.sequence_parallel)
+        y = column_parallel_linear(x, self.weight, self.bias, self.tp_group, self.sequence_parallel,
+                                   self.overlap_grad_reduce)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self):
