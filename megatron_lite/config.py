@@ -46,6 +46,7 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 2  # tensor-parallel size; data-parallel size = world size / tp
     sp: bool = True  # sequence parallelism (shards LayerNorm/dropout activations over the TP group)
+    tp_comm_overlap: bool = True  # overlap column-parallel layers' input-grad collective with their dW matmul
 
 
 @dataclass
@@ -135,7 +136,8 @@ def gpt_config(cfg: Config) -> GPTConfig:
         vocab_size=cfg.data.vocab_size, seq_len=m.seq_len, num_layers=m.num_layers, hidden_size=m.hidden_size,
         num_heads=m.num_heads, ffn_hidden_size=m.ffn_hidden_size, dropout=m.dropout,
         tie_embeddings=m.tie_embeddings, sequence_parallel=cfg.parallel.sp,
-        vocab_pad_multiple=m.vocab_pad_multiple, recompute=m.recompute, init_std=m.init_std, seed=cfg.train.seed)
+        vocab_pad_multiple=m.vocab_pad_multiple, recompute=m.recompute, init_std=m.init_std, seed=cfg.train.seed,
+        tp_comm_overlap=cfg.parallel.tp_comm_overlap)
 
 
 def dp_size(cfg: Config, world_size: int) -> int:

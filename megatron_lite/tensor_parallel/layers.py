@@ -200,7 +200,8 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        partial = F.embedding(local_ids, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)  # backward
+        # of an embedding needs only the ids, so zeroing its output in place is safe
         if self.sequence_parallel:
             return reduce_scatter_to_sp(partial, self.tp_group)
         return reduce_from_tp(partial, self.tp_group)
