@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import warnings
@@ -19,16 +18,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_lite.model import GPTConfig
+from megatron_lite.parallel import free_port
 
 from .dtensor_gpt import dtensor_loss_and_backward
 
 
 # ---- process launch -------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, device_type, fn, args, out_path):
@@ -54,7 +50,7 @@ def launch(fn, world_size: int, *args, device_type: str = "cpu"):
     """Run fn(device, *args) on `world_size` fresh processes; return rank 0's result."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.pkl")
-        mp.spawn(_entry, args=(world_size, _free_port(), device_type, fn, args, out), nprocs=world_size, join=True)
+        mp.spawn(_entry, args=(world_size, free_port(), device_type, fn, args, out), nprocs=world_size, join=True)
         with open(out, "rb") as f:
             return pickle.load(f)
 

@@ -171,9 +171,8 @@ class Checkpointer:
         check_shapes(saved, model, self.ctx, path)
         sd = {k: v for k, v in _full_state(model, opt, self.ctx).items() if k in saved or not k.startswith("rng.")}
         dcp.load(sd, checkpoint_id=str(path))
-        model.rng.set_states({k.split(".")[1]: v for k, v in sd.items() if k.startswith("rng.")}
-                             | {k: v for k, v in model.rng.get_states().items()
-                                if f"rng.{k}" not in sd and f"rng.{k}.{self.ctx.tp_rank}" not in sd})
+        loaded = {k.split(".")[1]: v for k, v in sd.items() if k.startswith("rng.")}
+        model.rng.set_states({**model.rng.get_states(), **loaded})  # a stream not in it keeps its seed
         meta = read_meta(path)
         return {"step": meta["step"], "consumed_samples": meta["consumed_samples"]}
 

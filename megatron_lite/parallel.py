@@ -64,7 +64,7 @@ def init_distributed(device: torch.device | None = None, timeout_s: float = 600.
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     device = device or default_device()
@@ -125,7 +125,8 @@ def init_parallel(tp_size: int, device: str | None = None) -> ParallelContext:
     return build_parallel_context(tp_size, dev)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for single-machine jobs and tests)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -87,9 +87,9 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
                 (loss / accum).backward()
             loss_sum += loss.detach()
         norm = grad_norm(model, ctx.tp_group)
-        loss_avg = _dp_mean(loss_sum / accum, ctx)
-        if not (math.isfinite(loss_avg) and math.isfinite(norm.item())):  # before the update spoils the weights
-            what = f"loss is {loss_avg}" if not math.isfinite(loss_avg) else f"grad norm is {norm.item()}"
+        loss_avg, norm_value = _dp_mean(loss_sum / accum, ctx), norm.item()
+        if not (math.isfinite(loss_avg) and math.isfinite(norm_value)):  # before the update spoils the weights
+            what = f"loss is {loss_avg}" if not math.isfinite(loss_avg) else f"grad norm is {norm_value}"
             log.info(f"error: {what} at step {state.step + 1}")
             raise DivergenceError(f"{what} at step {state.step + 1}: the run diverged; lower optim.lr (now "
                                   f"{cfg.optim.lr}) or raise optim.warmup_steps, and resume from the last checkpoint")
@@ -100,7 +100,7 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
         state.consumed_samples += cfg.train.global_batch_size
         dt = time.perf_counter() - t0
         if state.step % cfg.logging.every == 0 or state.step in (1, cfg.train.steps):
-            log.step(state.step, loss=loss_avg, lr=lr, grad_norm=norm.item(), step_time=dt,
+            log.step(state.step, loss=loss_avg, lr=lr, grad_norm=norm_value, step_time=dt,
                      tokens_per_sec=tokens_per_step / dt, consumed_samples=state.consumed_samples)
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps:
             log.eval(state.step, _evaluate(model, val_data, cfg, ctx, autocast))

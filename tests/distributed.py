@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_lite.parallel import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def _worker(rank, world_size, port, fn, args):
@@ -30,4 +27,4 @@ def _worker(rank, world_size, port, fn, args):
 
 def run_distributed(fn, world_size: int, *args) -> None:
     """Call fn(*args) on `world_size` gloo ranks; a failure on any rank fails the caller with its traceback."""
-    mp.spawn(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import uuid
 
@@ -21,6 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cli import ROOT, SMALL, TORCHRUN, env, losses, metrics, torchrun
+from megatron_lite.parallel import free_port
 
 STEPS = 5  # optimizer steps of the parity runs; warmup_steps=2 in SMALL, so the lr warms up then decays
 PARITY = [f"train.steps={STEPS}", *SMALL]  # global batch 8, micro batch 2, dropout 0, float32 on CPU
@@ -162,10 +162,6 @@ def test_val_loss_does_not_depend_on_dp(layout_run, reference):
 # ---------------------------------------------------------------- 3. two nodes on one machine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -182,7 +178,7 @@ def test_two_nodes_train_as_one_grid(tmp_path, reference):
     """Two torchrun agents (`--nnodes=2 --nproc_per_node=2`, c10d rendezvous on localhost) form one
     DP=2 x TP=2 world: each "node" holds one TP group, DP spans the nodes."""
     run_dir = tmp_path / "run"
-    port, rdzv_id = _free_port(), f"e2e-{uuid.uuid4().hex[:8]}"
+    port, rdzv_id = free_port(), f"e2e-{uuid.uuid4().hex[:8]}"
     cmd = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}", str(ROOT / "train.py"),
            f"run_dir={run_dir}", "parallel.tp=2", *PARITY]
