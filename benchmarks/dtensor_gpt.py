@@ -39,8 +39,9 @@ class DenseBlock(nn.Module):
         self.attn.qkv = nn.Linear(h, 3 * h)
         self.attn.proj = nn.Linear(h, h)
         self.ln_2 = nn.LayerNorm(h)
-        self.fc = nn.Linear(h, ffn)
-        self.proj = nn.Linear(ffn, h)
+        self.mlp = nn.Module()
+        self.mlp.fc = nn.Linear(h, ffn)
+        self.mlp.proj = nn.Linear(ffn, h)
 
     def forward(self, x_BSH):
         qkv = self.attn.qkv(self.ln_1(x_BSH))  # [B, S, 3H] (or this rank's [B, S, 3H/T] under TP)
@@ -49,7 +50,7 @@ class DenseBlock(nn.Module):
         q, k, v = qkv.view(B, S, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)  # [B, Nt, S, D]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, -1)
         x_BSH = x_BSH + self.attn.proj(y)
-        return x_BSH + self.proj(F.gelu(self.fc(self.ln_2(x_BSH)), approximate="tanh"))
+        return x_BSH + self.mlp.proj(F.gelu(self.mlp.fc(self.ln_2(x_BSH)), approximate="tanh"))
 
 
 class DenseGPT(nn.Module):
@@ -117,8 +118,8 @@ def parallelize_dense_gpt(model: DenseGPT, tp_group: dist.ProcessGroup, sequence
         "attn.qkv": ColwiseParallel(input_layouts=seq) if sp else ColwiseParallel(),
         "attn.proj": RowwiseParallel(output_layouts=seq) if sp else RowwiseParallel(),
         "ln_2": norm(),
-        "fc": ColwiseParallel(input_layouts=seq) if sp else ColwiseParallel(),
-        "proj": RowwiseParallel(output_layouts=seq) if sp else RowwiseParallel(),
+        "mlp.fc": ColwiseParallel(input_layouts=seq) if sp else ColwiseParallel(),
+        "mlp.proj": RowwiseParallel(output_layouts=seq) if sp else RowwiseParallel(),
     }
     for block in model.blocks:
         parallelize_module(block, mesh, block_plan)

@@ -24,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .hf import hf_model_config, is_hf_model_dir, load_hf_weights
 from .tensor_parallel import tp_partition_dim
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -66,9 +67,10 @@ def read_meta(path: Path) -> dict:
 
 
 def resolve(path: str | Path) -> Path:
-    """A `step_*` directory, or the newest complete checkpoint of a run directory or checkpoints dir."""
+    """A `step_*` directory, or the newest complete checkpoint of a run directory or checkpoints dir; an HF
+    model directory as it is."""
     path = Path(path)
-    if _STEP_DIR.match(path.name):
+    if _STEP_DIR.match(path.name) or is_hf_model_dir(path):
         return path
     for root in (path / "checkpoints", path):
         found = step_dirs(root)
@@ -161,12 +163,17 @@ class Checkpointer:
                     self.log(f"warning: {e}; falling back to an older checkpoint")
         if self.cfg.checkpoint.load:
             path = resolve(self.cfg.checkpoint.load)
-            verify(path)
+            if not is_hf_model_dir(path):
+                verify(path)
             return path
         return None
 
     def load(self, path: Path, model, opt) -> dict:
-        """Load model, AdamW state and RNG streams in place (any layout); return step and samples consumed."""
+        """Load model, AdamW state and RNG streams in place (any layout); return step and samples consumed.
+        An HF model directory gives the weights only: the optimizer and the data start from scratch."""
+        if is_hf_model_dir(path):
+            load_hf_weights(model, path)
+            return {"step": 0, "consumed_samples": 0}
         saved = verify(path)
         check_shapes(saved, model, self.ctx, path)
         sd = {k: v for k, v in _full_state(model, opt, self.ctx).items() if k in saved or not k.startswith("rng.")}
@@ -221,14 +228,25 @@ class Checkpointer:
             finalize()
 
 
-def load_model(path: str | Path, ctx, **overrides):
-    """A GPT for `ctx`'s layout with the weights of checkpoint `path` (a step dir or a run dir), in eval mode.
-
-    `overrides` change GPTConfig fields that do not change the weights (sequence_parallel, dropout)."""
-    from .model import GPT, GPTConfig
+def model_config(path: str | Path, **overrides):
+    """The GPTConfig of checkpoint `path` (a step dir, a run dir or an HF model directory). `overrides`
+    change fields that do not change the weights (sequence_parallel, dropout)."""
+    from .model import GPTConfig
     path = resolve(path)
+    if is_hf_model_dir(path):
+        return hf_model_config(path, **overrides)
+    return GPTConfig(**{**read_meta(path)["model"], **overrides})
+
+
+def load_model(path: str | Path, ctx, **overrides):
+    """A GPT for `ctx`'s layout with the weights of checkpoint `path` (see `model_config`), in eval mode."""
+    from .model import GPT
+    path = resolve(path)
+    model = GPT(model_config(path, **overrides), ctx, init_weights=False)
+    if is_hf_model_dir(path):
+        load_hf_weights(model, path)
+        return model.eval()
     saved = verify(path)
-    model = GPT(GPTConfig(**{**read_meta(path)["model"], **overrides}), ctx)
     check_shapes(saved, model, ctx, path)
     dcp.load(model_state(model, ctx), checkpoint_id=str(path))
     return model.eval()

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from megatron_lite.data import DataConfig
+from megatron_lite.model import RopeScaling
 
 if TYPE_CHECKING:
     from megatron_lite.model import GPTConfig
@@ -33,8 +34,18 @@ class ModelConfig:
     num_layers: int = 4
     hidden_size: int = 128
     num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None: num_heads; fewer: grouped-query attention (Llama 2 70B, Llama 3)
+    head_dim: Optional[int] = None  # None: hidden_size / num_heads
     ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
-    seq_len: int = 128
+    seq_len: int = 128  # training sequence length (for a checkpoint.load of an HF model: <= its context)
+    norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (Llama)
+    norm_eps: float = 1e-5
+    position_embedding: str = "learned"  # learned (GPT-2) | rope (Llama)
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+: {rope_type: llama3, factor: 8, ...}
+    mlp: str = "gelu"  # gelu (GPT-2, tanh approximation) | swiglu (Llama)
+    attention_bias: bool = True  # biases of QKV and the attention output (GPT-2 has them, Llama not)
+    mlp_bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
     vocab_pad_multiple: int = 128  # pad the vocabulary to a multiple of this (independent of TP size)
@@ -130,14 +141,21 @@ _cs.store(group="data", name="base_data", node=DataConfig)
 
 
 def gpt_config(cfg: Config) -> GPTConfig:
+    """The model of this run: the model.* keys, or the shape of the HF model `checkpoint.load` names (whose
+    config.json is the model: the user repeats no model.* keys), with this run's training settings."""
+    from megatron_lite.hf import hf_model_config, is_hf_model_dir
     from megatron_lite.model import GPTConfig
     m = cfg.model
-    return GPTConfig(
-        vocab_size=cfg.data.vocab_size, seq_len=m.seq_len, num_layers=m.num_layers, hidden_size=m.hidden_size,
-        num_heads=m.num_heads, ffn_hidden_size=m.ffn_hidden_size, dropout=m.dropout,
-        tie_embeddings=m.tie_embeddings, sequence_parallel=cfg.parallel.sp,
-        vocab_pad_multiple=m.vocab_pad_multiple, recompute=m.recompute, init_std=m.init_std, seed=cfg.train.seed,
-        tp_comm_overlap=cfg.parallel.tp_comm_overlap)
+    training = dict(dropout=m.dropout, sequence_parallel=cfg.parallel.sp, vocab_pad_multiple=m.vocab_pad_multiple,
+                    recompute=m.recompute, init_std=m.init_std, seed=cfg.train.seed,
+                    tp_comm_overlap=cfg.parallel.tp_comm_overlap)
+    if cfg.checkpoint.load and is_hf_model_dir(cfg.checkpoint.load):
+        return hf_model_config(cfg.checkpoint.load, **training)
+    shape = {k: getattr(m, k) for k in ("seq_len", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                                        "head_dim", "ffn_hidden_size", "norm", "norm_eps", "position_embedding",
+                                        "rope_theta", "rope_scaling", "mlp", "attention_bias", "mlp_bias",
+                                        "tie_embeddings")}
+    return GPTConfig(vocab_size=cfg.data.vocab_size, **shape, **training)
 
 
 def dp_size(cfg: Config, world_size: int) -> int:
@@ -172,17 +190,30 @@ def validate(cfg: Config, world_size: int) -> None:
 
     Cheap and collective-free: call it on every rank before any process group exists."""
     from megatron_lite.data import DataError, corpus_files
+    from megatron_lite.hf import HFError
     from megatron_lite.model import ModelConfigError
     from megatron_lite.parallel import ParallelConfigError, check_world_size
 
     for key, known in _unknown_keys(cfg):
         raise ConfigError(f"unknown key {key}: nothing reads it; {known}")
     t, o = cfg.train, cfg.optim
+    c = cfg.checkpoint
+    _need(c.load is None or Path(c.load).exists(), f"checkpoint.load={c.load} does not exist: fix the path")
     try:
         check_world_size(world_size, cfg.parallel.tp)
-        gpt_config(cfg).validate(cfg.parallel.tp)
-    except (ParallelConfigError, ModelConfigError) as e:
+        model = gpt_config(cfg)
+        model.validate(cfg.parallel.tp)
+    except (ParallelConfigError, ModelConfigError, HFError) as e:
         raise ConfigError(str(e)) from None
+    except (KeyError, ValueError) as e:  # a config.json without a key its architecture needs, or not JSON
+        raise ConfigError(f"checkpoint.load={c.load}: cannot read its config.json ({type(e).__name__}: {e})") from None
+    _need(cfg.model.seq_len <= model.seq_len,
+          f"model.seq_len={cfg.model.seq_len} exceeds the context of the model in checkpoint.load={c.load} "
+          f"({model.seq_len} positions): use model.seq_len<={model.seq_len}")
+    if cfg.parallel.sp:
+        _need(cfg.model.seq_len % cfg.parallel.tp == 0,
+              f"model.seq_len={cfg.model.seq_len} is not divisible by parallel.tp={cfg.parallel.tp}, which sequence "
+              f"parallelism requires: pick a multiple of {cfg.parallel.tp} or set parallel.sp=false")
     if os.environ.get("TORCHELASTIC_RUN_ID") == "none" and Path(cfg.run_dir).name == "none":
         raise ConfigError(f"run_dir={cfg.run_dir}: torchrun was started without a job id (static rendezvous), "
                           f"so the ranks share none: pass --rdzv-id=<job name> to torchrun or set run_dir=<dir>")
@@ -226,11 +257,9 @@ def validate(cfg: Config, world_size: int) -> None:
     # logging, checkpoints, sampling
     _need(cfg.logging.every >= 1, f"logging.every={cfg.logging.every} must be >= 1")
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
-    c = cfg.checkpoint
     _need(c.every >= 0, f"checkpoint.every={c.every} must be >= 0 (0: save only at the end)")
     _need(c.keep is None or c.keep >= 1, f"checkpoint.keep={c.keep} must be >= 1 or null (keep all)")
     _one_of("checkpoint.resume", c.resume, ("auto", "never"))
-    _need(c.load is None or Path(c.load).exists(), f"checkpoint.load={c.load} does not exist: fix the path")
     s = cfg.sample
     _need(s.max_new_tokens >= 0, f"sample.max_new_tokens={s.max_new_tokens} must be >= 0")
     _need(s.temperature >= 0, f"sample.temperature={s.temperature} must be >= 0 (0: greedy)")

@@ -1,74 +1,103 @@
-"""Sample text from a tensor-parallel GPT (temperature, top-k); every rank computes the same tokens."""
+"""Generate text from a tensor-parallel GPT with a KV cache (greedy, or temperature and top-k sampling).
+
+    python -m megatron_lite.generate CHECKPOINT [--prompt "def "] [--temperature 0] [--max-new-tokens 200]
+    torchrun --nproc_per_node=2 -m megatron_lite.generate CHECKPOINT        (TP=2; any TP the model splits into)
+
+CHECKPOINT is a megatron-lite run or step directory, or a Hugging Face model directory. Every rank computes
+the same tokens: the logits are gathered over TP and each rank draws from the same seeded generator.
+"""
 from __future__ import annotations
+
+import time
 
 import torch
 
+from .model import KVCache
 from .tensor_parallel.mappings import all_gather_last
 
 
 @torch.no_grad()
 def generate(model, ids: list[int], max_new_tokens: int, *, temperature: float = 0.8, top_k: int | None = 50,
-             seed: int = 0) -> list[int]:
-    """Continue `ids`. Logits are gathered over TP, so all ranks draw the same tokens from the same seed."""
+             seed: int = 0, eos_id: int | None = None, use_cache: bool = True) -> list[int]:
+    """Continue `ids` by up to `max_new_tokens` tokens (stopping after `eos_id`); returns prompt + new tokens.
+
+    The context is the tokens from `start` on. When it outgrows the model's seq_len, `start` jumps so that
+    the newest half is kept (with a KV cache, the cache is rebuilt from them): each token costs O(1)
+    amortized, and the tokens are the same with and without the cache."""
     c, ctx = model.config, model.ctx
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
     out = list(ids)
-    for _ in range(max_new_tokens):
-        window = out[-c.seq_len:]
-        n = len(window)
-        # Sequence parallelism needs a length divisible by T: pad on the right; the causal mask keeps the
-        # padding out of position n-1.
-        pad = (-n) % ctx.tp_size if c.sequence_parallel else 0
-        tokens = torch.tensor([window + [0] * pad], device=ctx.device)
-        logits = all_gather_last(model(tokens)[0, n - 1].contiguous(), ctx.tp_group)[: c.vocab_size].float()
-        if temperature == 0:
-            next_id = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-        out.append(next_id)
+    start = max(0, len(out) - c.seq_len)
+    cache, fed = None, 0  # tokens of out[start:] already in the cache
+    with model.sequence_parallel_off():  # sequences that grow a token at a time
+        for _ in range(max_new_tokens):
+            if len(out) - start > c.seq_len:
+                start, cache = len(out) - c.seq_len // 2, None
+            if not use_cache:
+                logits_Vt = model(torch.tensor([out[start:]], device=ctx.device))[0, -1]
+            else:
+                if cache is None:
+                    cache, fed = KVCache(model, 1, min(c.seq_len, len(out) - start + max_new_tokens)), 0
+                logits_Vt = model(torch.tensor([out[start + fed:]], device=ctx.device), cache=cache)[0, -1]
+                fed = len(out) - start
+            next_id = _pick(all_gather_last(logits_Vt.contiguous(), ctx.tp_group)[: c.vocab_size].float(),
+                            temperature, top_k, gen)
+            out.append(next_id)
+            if next_id == eos_id:
+                break
     model.train(was_training)
     return out
 
 
-def main() -> None:
-    """python -m megatron_lite.generate CHECKPOINT [--prompt ...]: load a checkpoint in any TP layout and sample.
+def _pick(logits_V: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> int:
+    if temperature == 0:
+        return int(logits_V.argmax())
+    logits_V = logits_V / temperature
+    if top_k is not None:
+        kth = torch.topk(logits_V, min(top_k, logits_V.numel())).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits_V, -1), 1, generator=gen))
 
-    One process (`python -m ...`) or several (`torchrun --nproc_per_node=N -m megatron_lite.generate --tp N`)."""
+
+def main() -> None:
     import argparse
-    from pathlib import Path
+    import os
+    import sys
 
     import torch.distributed as dist
 
     from .checkpoint import load_model, resolve
-    from .data import Tokenizer
     from .parallel import init_parallel
+    from .tokenizer import load_tokenizer
 
-    ap = argparse.ArgumentParser(description="Sample text from a megatron-lite checkpoint.")
-    ap.add_argument("checkpoint", help="a run directory or a step_NNNNNNN checkpoint directory")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a run directory, a step_NNNNNNN checkpoint directory or an HF model directory")
     ap.add_argument("--prompt", default="def ")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     ap.add_argument("--top-k", type=int, default=50, help="0: no top-k filter")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the world size)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     args = ap.parse_args()
 
-    import os
     ctx = init_parallel(args.tp or int(os.environ.get("WORLD_SIZE", 1)), device=args.device)
     ckpt = resolve(args.checkpoint)
     model = load_model(ckpt, ctx, sequence_parallel=False)
-    tok = Tokenizer(Path(ckpt) / "tokenizer.model")
-    ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k or None, seed=args.seed)
+    tok = load_tokenizer(ckpt)
+    prompt = tok.encode_prompt(args.prompt)
+    t0 = time.perf_counter()
+    ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                   seed=args.seed, eos_id=tok.eos_id, use_cache=not args.no_cache)
+    dt = time.perf_counter() - t0
     if ctx.is_first_rank:
         print(f"# {ckpt} (TP={ctx.tp_size})\n{tok.decode(ids)}", flush=True)
+        n = len(ids) - len(prompt)
+        print(f"# {n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s ({'no ' if args.no_cache else ''}KV cache, "
+              f"TP={ctx.tp_size}, {ctx.device.type})", file=sys.stderr, flush=True)
     dist.destroy_process_group()
 
 

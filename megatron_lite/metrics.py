@@ -24,20 +24,21 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def flops_per_token(c, n_params: int) -> float:
-    """PaLM (Chowdhery et al. 2022, appendix B): 6N + 12 L H Q T for training, attention included.
+def flops_per_token(c, n_params: int, seq_len: int) -> float:
+    """PaLM (Chowdhery et al. 2022, appendix B): 6N + 12 L H Q T for training, attention included, with
+    H Q = num_heads * head_dim (the query width) and T the training sequence length.
 
-    N counts the parameters that do matmul work per token, as nanoGPT does: all but the position
+    N counts the parameters that do matmul work per token, as nanoGPT does: all but the learned position
     embeddings (a tied token embedding is also the output layer, the largest matmul of a small GPT)."""
-    n = n_params - c.seq_len * c.hidden_size
-    return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * c.seq_len
+    n = n_params - (c.seq_len * c.hidden_size if c.position_embedding == "learned" else 0)
+    return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
 def memory_estimate(model, cfg, ctx) -> dict[str, float]:
     """Bytes per rank: fp32 weights, grads and AdamW moments (16 B/param), and activations from
     Korthikanti et al. 2022, Table 2 (16-bit; doubled for fp32), with the vocab-sharded logits."""
     c, T = model.config, ctx.tp_size
-    s, b, h, a, L = c.seq_len, cfg.train.micro_batch_size, c.hidden_size, c.num_heads, c.num_layers
+    s, b, h, a, L = cfg.model.seq_len, cfg.train.micro_batch_size, c.hidden_size, c.num_heads, c.num_layers
     _, local = model.num_parameters()
     per_layer = s * b * h * ((34 + 5 * a * s / h) / T if c.sequence_parallel else 10 + 24 / T + 5 * a * s / (h * T))
     act_bytes = L * per_layer * (1 if ctx.device.type == "cuda" else 2) + 2 * 4 * s * b * c.padded_vocab_size / T
@@ -79,7 +80,7 @@ class MetricsLogger:
         """Print the model's size and memory estimate, trim metrics.jsonl to `resumed_step`, open wandb."""
         cfg, ctx = self.cfg, self.ctx
         full, local = model.num_parameters()
-        self.flops_per_step = flops_per_token(model.config, full) * cfg.train.global_batch_size * model.config.seq_len
+        self.flops_per_step = flops_per_token(model.config, full, cfg.model.seq_len) * cfg.train.global_batch_size * cfg.model.seq_len
         self.peak = peak_flops(ctx.device)
         if not self.active:
             return

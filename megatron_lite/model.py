@@ -1,10 +1,30 @@
-"""GPT-2 with Megatron tensor parallelism (and sequence parallelism), in one file.
+"""GPT-2 and the Llama family with Megatron tensor parallelism (and sequence parallelism), in one file.
 
-Legend: S sequence, B micro-batch, H hidden, T tensor-parallel size, N heads, D head dim, V vocab;
-a trailing `t` marks a TP shard (Ht = H/T, Nt = N/T, Vt = V/T), and under SP `St` = S/T.
+One model built from small modules, one per idea (as in HF's modeling_llama.py); a variant is another
+module, picked once in the constructor from GPTConfig:
+- norm: LayerNorm (GPT-2) | RMSNorm (Llama), `norm`, `norm_eps`
+- positions: learned embeddings added to the input (GPT-2) | rotary embeddings on q and k (Llama), with
+  Llama-3 frequency scaling, `position_embedding`, `rope_theta`, `rope_scaling`
+- MLP: tanh-GELU (GPT-2) | SwiGLU (Llama), `mlp`
+- attention: multi-head, or grouped-query with `num_kv_heads` < `num_heads`
+The defaults are GPT-2.
+
+Conventions that make Hugging Face conversion a rename, not a permutation (megatron_lite/hf.py):
+- RoPE in HF's `rotate_half` form (pairs i and i + D/2), applied to the whole sequence (positions 0..S-1)
+  after the sequence-parallel all-gather inside the QKV layer.
+- The fused QKV weight in Megatron's grouped layout: per KV group, its Q = N/G query heads, then its k,
+  then its v (`[G, Q + 2, D]` output features). TP splits whole groups, so rank r holds exactly the q, k, v
+  of its heads; with G == N it is the head-major `[N, 3, D]` layout of GPT-2.
+- The SwiGLU gate and up projections are one `[2, F, H]` weight split along F (ColumnParallelLinear with
+  `partitions=2`): the saved global tensor is `[gate; up]` whatever T is.
+
+Legend: S sequence, B micro-batch, H hidden, T tensor-parallel size, N query heads, G KV heads (groups),
+Q = N/G query heads per group, D head dim, F ffn hidden, V vocab; a trailing `t` marks a TP shard
+(Nt = N/T, Gt = G/T, Ft = F/T, Vt = V/T), and under SP `St` = S/T.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -19,7 +39,17 @@ from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
 
 
 class ModelConfigError(ValueError):
-    """A model shape that cannot be split over the requested TP size."""
+    """A model shape that cannot be built or split over the requested TP size."""
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3 RoPE frequency scaling (HF `rope_type: llama3`): long wavelengths slowed down by `factor`."""
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
 
 
 @dataclass
@@ -29,7 +59,17 @@ class GPTConfig:
     num_layers: int = 4
     hidden_size: int = 256
     num_heads: int = 4
+    num_kv_heads: int | None = None  # None: num_heads (multi-head); fewer: grouped-query attention
+    head_dim: int | None = None  # None: hidden_size / num_heads
     ffn_hidden_size: int | None = None  # None: 4 * hidden_size
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    position_embedding: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    mlp: str = "gelu"  # gelu (tanh approximation, GPT-2) | swiglu
+    attention_bias: bool = True  # biases of the QKV and attention output projections
+    mlp_bias: bool = True  # biases of the MLP projections
     dropout: float = 0.0
     tie_embeddings: bool = True
     sequence_parallel: bool = False
@@ -42,31 +82,50 @@ class GPTConfig:
     def __post_init__(self):
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None and self.num_heads and self.hidden_size % self.num_heads == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if isinstance(self.rope_scaling, dict):  # from a checkpoint's meta.json or a Hydra config
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
 
     @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     def validate(self, tp_size: int) -> None:
         """Raise ModelConfigError naming the value and the fix; runs before any collective."""
         def need(ok: bool, msg: str):
             if not ok:
                 raise ModelConfigError(msg)
-        for key in ("vocab_size", "seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size"):
+        for key in ("vocab_size", "seq_len", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                    "ffn_hidden_size"):
             need(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be >= 1")
+        for key, choices in (("norm", ("layernorm", "rmsnorm")), ("position_embedding", ("learned", "rope")),
+                             ("mlp", ("gelu", "swiglu")), ("recompute", ("none", "selective", "full"))):
+            need(getattr(self, key) in choices, f"model.{key}={getattr(self, key)!r} must be one of {', '.join(choices)}")
         need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
-        need(self.recompute in ("none", "selective", "full"),
-             f"model.recompute={self.recompute!r} must be one of none, selective, full")
-        need(self.hidden_size % self.num_heads == 0,
+        need(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
+        need(self.head_dim is not None,
              f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}: "
-             f"pick a num_heads that divides {self.hidden_size}")
-        need(self.num_heads % tp_size == 0,
-             f"model.num_heads={self.num_heads} is not divisible by parallel.tp={tp_size}: attention heads "
-             f"are split across TP ranks; pick a tp that divides {self.num_heads}")
+             f"pick a num_heads that divides {self.hidden_size} (or set model.head_dim)")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads}: each KV "
+             f"head serves the same number of query heads; pick a divisor of {self.num_heads}")
+        if self.position_embedding == "rope":
+            need(self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+            need(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
+            s = self.rope_scaling
+            need(s is None or s.rope_type == "llama3",
+                 f"model.rope_scaling.rope_type={s and s.rope_type!r} is not supported: use llama3 or null")
+            need(s is None or s.high_freq_factor > s.low_freq_factor,
+                 f"model.rope_scaling: high_freq_factor={s and s.high_freq_factor} must exceed "
+                 f"low_freq_factor={s and s.low_freq_factor}")
+        valid_tp = [t for t in range(1, self.num_kv_heads + 1) if self.num_kv_heads % t == 0]
+        need(self.num_heads % tp_size == 0 and self.num_kv_heads % tp_size == 0,
+             f"model.num_heads={self.num_heads} and model.num_kv_heads={self.num_kv_heads} must both be divisible "
+             f"by parallel.tp={tp_size}: attention heads and KV groups are split across TP ranks; valid tp: "
+             f"{', '.join(map(str, valid_tp))}")
         need(self.ffn_hidden_size % tp_size == 0,
              f"model.ffn_hidden_size={self.ffn_hidden_size} is not divisible by parallel.tp={tp_size}: "
              f"pick an ffn_hidden_size that is a multiple of {tp_size}")
@@ -81,55 +140,68 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """GPT-2 whose weights are split over the TP group of `ctx` (a `parallel.ParallelContext`).
+    """A GPT (GPT-2 or Llama family) whose weights are split over the TP group of `ctx` (`ParallelContext`).
 
-    forward(tokens [B, S], targets [B, S] or None): the mean loss over non-ignored targets, or this rank's
-    vocab shard of the logits `[B, S, Vt]` (Vt = padded vocab / T) when no targets are given."""
+    forward(tokens [B, S], targets [B, S] or None, cache=None): the mean loss over non-ignored targets, or
+    this rank's vocab shard of the logits `[B, S, Vt]` (Vt = padded vocab / T) when no targets are given.
+    With a `KVCache` (inference, SP off) the tokens continue the cached sequence."""
 
-    def __init__(self, config: GPTConfig, ctx):
+    def __init__(self, config: GPTConfig, ctx, init_weights: bool = True):
         super().__init__()
         config.validate(ctx.tp_size)
         self.config, self.ctx = config, ctx
         c, group, sp = config, ctx.tp_group, config.sequence_parallel
         # Every full tensor is drawn from one generator in construction order, identically on every rank,
         # and each rank keeps its slice: the same seed gives the same model at every TP size.
+        # (init_weights=False, for a model about to load a checkpoint, skips the draws.)
         gen = torch.Generator().manual_seed(c.seed)
-        normal = _normal_init(c.init_std, gen)
-        residual_out = _normal_init(c.init_std / math.sqrt(2 * c.num_layers), gen)  # GPT-2's scaled init
+        normal = _normal_init(c.init_std, gen) if init_weights else _no_init
+        residual_out = _normal_init(c.init_std / math.sqrt(2 * c.num_layers), gen) if init_weights else _no_init
         kw = dict(tp_group=group, sequence_parallel=sp)
 
         self.wte = VocabParallelEmbedding(c.padded_vocab_size, c.hidden_size, init_method=normal, **kw)
-        self.wpe = nn.Embedding(c.seq_len, c.hidden_size)
-        normal(self.wpe.weight.data)
-        self.blocks = nn.ModuleList(Block(c, kw, normal, residual_out) for _ in range(c.num_layers))
-        self.ln_f = nn.LayerNorm(c.hidden_size)
+        if c.position_embedding == "learned":
+            self.wpe = nn.Embedding(c.seq_len, c.hidden_size)
+            normal(self.wpe.weight.data)
+        else:
+            self.rotary = RotaryEmbedding(c)
+        self.blocks = nn.ModuleList(Block(c, i, kw, normal, residual_out) for i in range(c.num_layers))
+        self.ln_f = make_norm(c)
         self.lm_head = None if c.tie_embeddings else ColumnParallelLinear(
             c.hidden_size, c.padded_vocab_size, bias=False, overlap_grad_reduce=c.tp_comm_overlap,
             init_method=normal, **kw)
         self.to(ctx.device)
         self.rng = RNGTracker(c.seed, ctx.tp_rank, ctx.device)
-        # Under SP the replicated parameters (LayerNorms, row-parallel biases, position embeddings) see
-        # only this rank's tokens: their gradients are summed over TP, for every one of them, here.
+        # Under SP the replicated parameters (norms, row-parallel biases, position embeddings) see only this
+        # rank's tokens: their gradients are summed over TP, for every one of them, here.
         self._replicated_grad_sum = register_replicated_grad_sum(self, group) if sp else []
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         c, ctx = self.config, self.ctx
         S = tokens.shape[1]
-        if S > c.seq_len:
-            raise ValueError(f"sequence of {S} tokens is longer than model.seq_len={c.seq_len}")
+        start = cache.length if cache is not None else 0
+        if c.position_embedding == "learned" and start + S > c.seq_len:
+            raise ValueError(f"position {start + S - 1} is past the learned positions (model.seq_len={c.seq_len})")
         sp, group, T = c.sequence_parallel, ctx.tp_group, ctx.tp_size
-        if sp and S % T:
-            raise ValueError(f"sequence of {S} tokens is not divisible by TP={T} under sequence parallelism")
-        # Under SP each rank holds the sequence block [r*S/T, (r+1)*S/T) from the embedding to the head.
-        first = ctx.tp_rank * (S // T) if sp else 0
-        positions = torch.arange(first, first + (S // T if sp else S), device=tokens.device)
-        x_SBH = self.wte(tokens.t()) + self.wpe(positions).unsqueeze(1)
-        x_SBH = self._dropout(x_SBH)
+        if sp and (S % T or cache is not None):
+            raise ValueError(f"sequence parallelism needs a whole sequence divisible by TP={T} (got {S} tokens"
+                             f"{' and a KV cache' if cache is not None else ''}): run inference with it off")
+        x_SBH = self.wte(tokens.t())
+        if c.position_embedding == "learned":
+            # Under SP each rank holds the sequence block [r*S/T, (r+1)*S/T) from the embedding to the head.
+            first = ctx.tp_rank * (S // T) if sp else start
+            x_SBH = x_SBH + self.wpe(torch.arange(first, first + x_SBH.shape[0], device=tokens.device)).unsqueeze(1)
+            rope = None
+        else:  # rotary: the whole sequence's positions, applied after the QKV layer's SP all-gather
+            rope = self.rotary(torch.arange(start, start + S, device=tokens.device))
+        x_SBH = _residual_dropout(x_SBH, c, self.rng, self.training)
         for block in self.blocks:
             if c.recompute == "full" and self.training:
-                x_SBH = checkpoint(block, self.rng, x_SBH, self.rng)
+                x_SBH = checkpoint(block, self.rng, x_SBH, self.rng, rope)
             else:
-                x_SBH = block(x_SBH, self.rng)
+                x_SBH = block(x_SBH, self.rng, rope, cache)
+        if cache is not None:
+            cache.length += S
         x_SBH = self.ln_f(x_SBH)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
         logits_SBVt = column_parallel_linear(x_SBH, weight, None, group, sp, c.tp_comm_overlap)
@@ -137,9 +209,6 @@ class GPT(nn.Module):
             return logits_SBVt.transpose(0, 1)
         losses_SB = vocab_parallel_cross_entropy(logits_SBVt, targets.t(), group, vocab_size=c.vocab_size)
         return losses_SB.sum() / (targets != -100).sum().clamp(min=1)
-
-    def _dropout(self, x):
-        return _residual_dropout(x, self.config, self.rng, self.training)
 
     def full_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter (or its gradient) as the full, unsharded tensor: collective over the TP group."""
@@ -153,56 +222,201 @@ class GPT(nn.Module):
         full = sum(p.numel() * (T if tp_partition_dim(p) is not None else 1) for p in self.parameters())
         return full, local
 
+    @contextlib.contextmanager
+    def sequence_parallel_off(self):
+        """Run the block with sequence parallelism off (inference on short or growing sequences); the
+        weights are the same, only where the sequence is split changes."""
+        layers = [m for m in self.modules() if hasattr(m, "sequence_parallel")]
+        saved = self.config.sequence_parallel, [m.sequence_parallel for m in layers]
+        self.config.sequence_parallel = False
+        for m in layers:
+            m.sequence_parallel = False
+        try:
+            yield self
+        finally:
+            self.config.sequence_parallel = saved[0]
+            for m, on in zip(layers, saved[1]):
+                m.sequence_parallel = on
+
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; LayerNorm, dropout and residual run on sequence shards under SP."""
+    """Pre-norm transformer block; norms, dropout and residuals run on sequence shards under SP."""
 
-    def __init__(self, c: GPTConfig, kw: dict, normal, residual_out):
+    def __init__(self, c: GPTConfig, layer: int, kw: dict, normal, residual_out):
         super().__init__()
         self.config = c
-        self.ln_1 = nn.LayerNorm(c.hidden_size)
-        self.attn = Attention(c, kw, normal, residual_out)
-        self.ln_2 = nn.LayerNorm(c.hidden_size)
-        self.fc = ColumnParallelLinear(c.hidden_size, c.ffn_hidden_size, overlap_grad_reduce=c.tp_comm_overlap,
-                                       init_method=normal, **kw)
-        self.proj = RowParallelLinear(c.ffn_hidden_size, c.hidden_size, init_method=residual_out, **kw)
+        self.ln_1 = make_norm(c)
+        self.attn = Attention(c, layer, kw, normal, residual_out)
+        self.ln_2 = make_norm(c)
+        self.mlp = (SwiGLUMLP if c.mlp == "swiglu" else GeluMLP)(c, kw, normal, residual_out)
 
-    def forward(self, x_SBH, rng: RNGTracker):
+    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None):
         c = self.config
-        x_SBH = x_SBH + _residual_dropout(self.attn(self.ln_1(x_SBH), rng), c, rng, self.training)
-        h_SBFt = F.gelu(self.fc(self.ln_2(x_SBH)), approximate="tanh")
-        return x_SBH + _residual_dropout(self.proj(h_SBFt), c, rng, self.training)
+        x_SBH = x_SBH + _residual_dropout(self.attn(self.ln_1(x_SBH), rng, rope, cache), c, rng, self.training)
+        return x_SBH + _residual_dropout(self.mlp(self.ln_2(x_SBH)), c, rng, self.training)
 
 
 class Attention(nn.Module):
-    """Causal self-attention with this rank's N/T heads: fused QKV column-parallel, output row-parallel.
+    """Causal self-attention with this rank's Nt = N/T query heads and Gt = G/T KV heads: fused QKV
+    column-parallel (grouped layout, see the module docstring), output row-parallel."""
 
-    The QKV output features are laid out head-major, `[N, 3, D]`, so that rank r's rows of the fused
-    weight are exactly the q, k and v of heads [r*N/T, (r+1)*N/T)."""
+    def __init__(self, c: GPTConfig, layer: int, kw: dict, normal, residual_out):
+        super().__init__()
+        self.config, self.layer = c, layer
+        self.q_per_group = c.num_heads // c.num_kv_heads
+        qkv_features = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        self.qkv = ColumnParallelLinear(c.hidden_size, qkv_features, bias=c.attention_bias,
+                                        overlap_grad_reduce=c.tp_comm_overlap, init_method=normal, **kw)
+        self.proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias,
+                                      init_method=residual_out, **kw)
+
+    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None):
+        c, Q = self.config, self.q_per_group
+        qkv_SBX = self.qkv(x_SBH)
+        S, B, _ = qkv_SBX.shape
+        qkv_BGtSXD = qkv_SBX.view(S, B, -1, Q + 2, c.head_dim).permute(1, 2, 0, 3, 4)  # X: the Q + 2 slots
+        q_BNtSD = qkv_BGtSXD[..., :Q, :].transpose(2, 3).flatten(1, 2)  # query heads g*Q .. g*Q + Q-1
+        k_BGtSD, v_BGtSD = qkv_BGtSXD[..., Q, :], qkv_BGtSXD[..., Q + 1, :]
+        if rope is not None:
+            q_BNtSD, k_BGtSD = apply_rotary(q_BNtSD, *rope), apply_rotary(k_BGtSD, *rope)
+        mask = None
+        if cache is not None:
+            mask = cache.mask(S, x_SBH.device)
+            k_BGtSD, v_BGtSD = cache.update(self.layer, k_BGtSD, v_BGtSD)
+        if c.recompute == "selective" and self.training:
+            y_BNtSD = checkpoint(self._core, rng, q_BNtSD, k_BGtSD, v_BGtSD, rng)
+        else:
+            y_BNtSD = self._core(q_BNtSD, k_BGtSD, v_BGtSD, rng, mask)
+        return self.proj(y_BNtSD.permute(2, 0, 1, 3).reshape(S, B, -1))
+
+    def _core(self, q, k, v, rng: RNGTracker, mask=None):
+        """SDPA; a KV head serves the Q query heads of its group (`enable_gqa`, HF's `repeat_kv`)."""
+        p = self.config.dropout if self.training else 0.0
+        causal = mask is None
+        with rng.fork(TP):  # each rank's heads are different heads: distinct masks
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                                  enable_gqa=self.q_per_group > 1)
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: column-parallel fc, tanh-GELU, row-parallel proj (Shoeybi et al. 2019, eq. 3-4)."""
 
     def __init__(self, c: GPTConfig, kw: dict, normal, residual_out):
         super().__init__()
-        self.config = c
-        self.qkv = ColumnParallelLinear(c.hidden_size, 3 * c.hidden_size, overlap_grad_reduce=c.tp_comm_overlap,
-                                        init_method=normal, **kw)
-        self.proj = RowParallelLinear(c.hidden_size, c.hidden_size, init_method=residual_out, **kw)
+        self.fc = ColumnParallelLinear(c.hidden_size, c.ffn_hidden_size, bias=c.mlp_bias,
+                                       overlap_grad_reduce=c.tp_comm_overlap, init_method=normal, **kw)
+        self.proj = RowParallelLinear(c.ffn_hidden_size, c.hidden_size, bias=c.mlp_bias, init_method=residual_out,
+                                      **kw)
 
-    def forward(self, x_SBH, rng: RNGTracker):
-        c = self.config
-        qkv_SB3Ht = self.qkv(x_SBH)
-        S, B, _ = qkv_SB3Ht.shape
-        q, k, v = qkv_SB3Ht.view(S, B, -1, 3, c.head_dim).permute(3, 1, 2, 0, 4).unbind(0)  # [B, Nt, S, D]
-        if c.recompute == "selective" and self.training:
-            y_BNtSD = checkpoint(self._core, rng, q, k, v, rng)
-        else:
-            y_BNtSD = self._core(q, k, v, rng)
-        y_SBHt = y_BNtSD.permute(2, 0, 1, 3).reshape(S, B, -1)
-        return self.proj(y_SBHt)
+    def forward(self, x_SBH):
+        return self.proj(F.gelu(self.fc(x_SBH), approximate="tanh"))
 
-    def _core(self, q, k, v, rng: RNGTracker):
-        p = self.config.dropout if self.training else 0.0
-        with rng.fork(TP):  # each rank's heads are different heads: distinct masks
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+
+class SwiGLUMLP(nn.Module):
+    """Llama's MLP: proj(silu(x gate) * (x up)). gate and up are one column-parallel matmul whose weight is
+    `[2, F, H]` split along F, so each rank's output is `[gate_r | up_r]` and the product needs no collective."""
+
+    def __init__(self, c: GPTConfig, kw: dict, normal, residual_out):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(c.hidden_size, 2 * c.ffn_hidden_size, bias=c.mlp_bias, partitions=2,
+                                            overlap_grad_reduce=c.tp_comm_overlap, init_method=normal, **kw)
+        self.proj = RowParallelLinear(c.ffn_hidden_size, c.hidden_size, bias=c.mlp_bias, init_method=residual_out,
+                                      **kw)
+
+    def forward(self, x_SBH):
+        gate_SBFt, up_SBFt = self.gate_up(x_SBH).chunk(2, dim=-1)
+        return self.proj(F.silu(gate_SBFt) * up_SBFt)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back before the weight (as HF's
+    LlamaRMSNorm, so bf16 results match too)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(c: GPTConfig) -> nn.Module:
+    return RMSNorm(c.hidden_size, c.norm_eps) if c.norm == "rmsnorm" else nn.LayerNorm(c.hidden_size, c.norm_eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin of RoPE (Su et al. 2021) for given positions, `[S, D]` each, in float32.
+
+    Frequencies inv_freq_i = 1 / theta^(2i/D) for i < D/2, duplicated to D as HF does (`cat(freqs, freqs)`),
+    optionally rescaled for Llama 3's long context; no parameters (a non-persistent buffer)."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        D = c.head_dim
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+        if c.rope_scaling is not None:
+            inv_freq = llama3_scaled_frequencies(inv_freq, c.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_SD2 = positions.float().unsqueeze(-1) * self.inv_freq.float()
+        emb_SD = torch.cat((freqs_SD2, freqs_SD2), dim=-1)
+        return emb_SD.cos(), emb_SD.sin()
+
+
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths above original_max / low_freq_factor are slowed by `factor`,
+    those below original_max / high_freq_factor are kept, and those between are interpolated smoothly."""
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rotary(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    """x cos + rotate_half(x) sin, where rotate_half(x) = [-x2, x1] for the halves x1, x2 of the head dim."""
+    x1, x2 = x_BNSD.chunk(2, dim=-1)
+    return x_BNSD * cos_SD.to(x_BNSD.dtype) + torch.cat((-x2, x1), dim=-1) * sin_SD.to(x_BNSD.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer `[B, Gt, max_len, D]` (this rank's KV heads),
+    so that generating a token runs the model on that token alone."""
+
+    def __init__(self, model: GPT, batch: int, max_len: int):
+        c = model.config
+        self.shape = (batch, c.num_kv_heads // model.ctx.tp_size, max_len, c.head_dim)
+        self.k: list[torch.Tensor | None] = [None] * c.num_layers  # allocated at first use, in k's dtype
+        self.v: list[torch.Tensor | None] = [None] * c.num_layers  # (bf16 under autocast)
+        self.length, self.max_len = 0, max_len
+
+    def update(self, layer: int, k_BGtSD, v_BGtSD):
+        """Store the new tokens' k and v after the cached ones; return all of them."""
+        end = self.length + k_BGtSD.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions is full")
+        if self.k[layer] is None:
+            self.k[layer] = k_BGtSD.new_empty(self.shape)
+            self.v[layer] = v_BGtSD.new_empty(self.shape)
+        self.k[layer][:, :, self.length:end] = k_BGtSD
+        self.v[layer][:, :, self.length:end] = v_BGtSD
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def mask(self, S: int, device) -> torch.Tensor | None:
+        """None (SDPA's own causal mask) for a first chunk; else new token i sees positions <= length + i.
+        (SDPA's is_causal aligns the mask top-left, which is wrong once keys outnumber queries.)"""
+        if self.length == 0:
+            return None
+        return torch.arange(self.length + S, device=device) <= self.length + torch.arange(S, device=device)[:, None]
 
 
 def _residual_dropout(x, c: GPTConfig, rng: RNGTracker, training: bool):
@@ -214,3 +428,7 @@ def _residual_dropout(x, c: GPTConfig, rng: RNGTracker, training: bool):
 
 def _normal_init(std: float, gen: torch.Generator):
     return lambda w: w.normal_(0.0, std, generator=gen)
+
+
+def _no_init(w: torch.Tensor) -> None:
+    pass

@@ -20,6 +20,7 @@ from .checkpoint import Checkpointer
 from .config import Config, gpt_config, grad_accum_steps
 from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, prepare_corpus
 from .generate import generate
+from .hf import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
 from .model import GPT
 from .optim import build_optimizer, clip_grads, grad_norm, lr_at
@@ -61,7 +62,11 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
     source = ckpt.resume_source()
     if source is not None:
         state = TrainState(**ckpt.load(source, model, opt))
-        log.info(f"resumed from {source} at step {state.step} ({state.consumed_samples} samples consumed)")
+        if is_hf_model_dir(source):
+            log.info(f"initialized from the Hugging Face model {source} ({architecture(read_hf_config(source))}): "
+                     f"its weights; the optimizer and the data start from scratch")
+        else:
+            log.info(f"resumed from {source} at step {state.step} ({state.consumed_samples} samples consumed)")
     log.start(model, state.step)
     if ctx.is_first_rank:
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))

@@ -1,4 +1,5 @@
-"""The whole GPT at T=2 and T=4 (SP on and off) against T=1 from the same seed; collective counts."""
+"""The whole GPT (GPT-2 and Llama family) at T=2 and T=4 (SP on and off) against T=1 from the same seed;
+collective counts; shape errors."""
 import pytest
 import torch
 
@@ -9,6 +10,12 @@ from megatron_lite.parallel import build_parallel_context
 from megatron_lite.tensor_parallel import tp_partition_dim
 
 CFG = dict(vocab_size=200, seq_len=16, num_layers=2, hidden_size=32, num_heads=4, dropout=0.0, seed=7)
+# the Llama family: RMSNorm, RoPE with Llama-3 scaling, SwiGLU ([2, F, H] weight), 4 query heads on 4 KV heads
+# (so T=4 splits them), untied output layer, QKV biases on (Qwen-style) and MLP biases off
+LLAMA = dict(CFG, num_kv_heads=4, ffn_hidden_size=48, norm="rmsnorm", position_embedding="rope", rope_theta=5e5,
+             rope_scaling=dict(factor=8.0, original_max_position_embeddings=8), mlp="swiglu", attention_bias=True,
+             mlp_bias=False, tie_embeddings=False)
+GQA = dict(LLAMA, num_heads=8, num_kv_heads=2, hidden_size=64)  # 4 query heads per KV head: T=1 and 2
 B = 3
 
 
@@ -40,29 +47,30 @@ def train_steps(model, steps=4):
 
 
 def _equivalence_worker():
-    ref_ctx = build_parallel_context(1)
-    ref_model = GPT(GPTConfig(**CFG), ref_ctx)
-    ref_weights = ref_model.full_state()
-    ref_losses, ref_grads = train_steps(ref_model)
-    for T in (2, 4):
-        ctx = build_parallel_context(T)
-        for sp in (False, True):
-            model = GPT(GPTConfig(**CFG, sequence_parallel=sp), ctx)
-            tag = f"T={T} sp={sp}"
-            for name, w in model.full_state().items():  # the same seed gives the same model at every T
-                assert torch.equal(w, ref_weights[name]), f"{tag}: initial {name} differs from T=1"
-            losses, grads = train_steps(model)
-            assert abs(losses[0] - ref_losses[0]) / ref_losses[0] < 1e-6, f"{tag}: loss {losses[0]} vs {ref_losses[0]}"
-            assert grads.keys() == ref_grads.keys()
-            for name, g in grads.items():
-                assert g.shape == ref_grads[name].shape, f"{tag} {name}: shape"
-                err = rel_err(g, ref_grads[name])
-                assert err < 1e-5, f"{tag} {name}: gradient relative error {err:.2e}"
-            for step, (a, b) in enumerate(zip(losses, ref_losses)):
-                assert abs(a - b) / b < 1e-5, f"{tag}: loss after {step} AdamW steps {a} vs {b}"
+    for cfg in (CFG, LLAMA, GQA):
+        ref_ctx = build_parallel_context(1)
+        ref_model = GPT(GPTConfig(**cfg), ref_ctx)
+        ref_weights = ref_model.full_state()
+        ref_losses, ref_grads = train_steps(ref_model)
+        for T in [t for t in (2, 4) if GPTConfig(**cfg).num_kv_heads % t == 0]:
+            ctx = build_parallel_context(T)
+            for sp in (False, True):
+                model = GPT(GPTConfig(**cfg, sequence_parallel=sp), ctx)
+                tag = f"{cfg.get('norm', 'gpt2')} kv={model.config.num_kv_heads} T={T} sp={sp}"
+                for name, w in model.full_state().items():  # the same seed gives the same model at every T
+                    assert torch.equal(w, ref_weights[name]), f"{tag}: initial {name} differs from T=1"
+                losses, grads = train_steps(model)
+                assert abs(losses[0] - ref_losses[0]) / ref_losses[0] < 1e-6, f"{tag}: loss {losses[0]} vs {ref_losses[0]}"
+                assert grads.keys() == ref_grads.keys()
+                for name, g in grads.items():
+                    assert g.shape == ref_grads[name].shape, f"{tag} {name}: shape"
+                    err = rel_err(g, ref_grads[name])
+                    assert err < 1e-5, f"{tag} {name}: gradient relative error {err:.2e}"
+                for step, (a, b) in enumerate(zip(losses, ref_losses)):
+                    assert abs(a - b) / b < 1e-5, f"{tag}: loss after {step} AdamW steps {a} vs {b}"
 
 
-def test_gpt_at_T_2_and_4_equals_T_1_loss_grads_and_adamw_steps():
+def test_gpt_and_llama_at_T_2_and_4_equal_T_1_loss_grads_and_adamw_steps():
     run_distributed(_equivalence_worker, 4)
 
 
@@ -115,7 +123,13 @@ def test_block_issues_exactly_the_megatron_collectives():
 
 
 @pytest.mark.parametrize("kw, T, match", [
-    (dict(num_heads=6, hidden_size=36), 4, r"num_heads=6 is not divisible by parallel.tp=4"),
+    (dict(num_heads=6, hidden_size=36), 4, r"num_heads=6 and model.num_kv_heads=6 must both be divisible by "
+                                           r"parallel.tp=4: .* valid tp: 1, 2, 3, 6"),
+    (dict(num_heads=8, num_kv_heads=2), 4, r"num_heads=8 and model.num_kv_heads=2 must both be divisible by "
+                                          r"parallel.tp=4: .* valid tp: 1, 2$"),
+    (dict(num_heads=4, num_kv_heads=3), 1, r"num_kv_heads=3 does not divide model.num_heads=4"),
+    (dict(norm="batchnorm"), 1, r"model.norm='batchnorm' must be one of layernorm, rmsnorm"),
+    (dict(position_embedding="rope", rope_scaling=dict(rope_type="yarn")), 1, r"rope_type='yarn' is not supported"),
     (dict(hidden_size=30, num_heads=4), 1, r"hidden_size=30 is not divisible by model.num_heads=4"),
     (dict(ffn_hidden_size=66), 4, r"ffn_hidden_size=66 is not divisible by parallel.tp=4"),
     (dict(seq_len=18, sequence_parallel=True), 4, r"seq_len=18 is not divisible by parallel.tp=4"),

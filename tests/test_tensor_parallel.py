@@ -61,6 +61,30 @@ def _column(ctx, sp, gather_output):
         check(f"column db (overlap={overlap})", layer.bias.grad, block(dense.bias.grad, r, T, 0))
 
 
+def _fused_column(ctx, sp):
+    """partitions=2 (SwiGLU's gate and up): two dense layers; rank r computes [x gate_r | x up_r] and holds
+    the [2, O/T, H] block of the stacked [2, O, H] weight."""
+    T, r, g = ctx.tp_size, ctx.tp_rank, ctx.tp_group
+    torch.manual_seed(4)
+    gate, up = nn.Linear(H, O), nn.Linear(H, O)
+    x = torch.randn(S, B, H, requires_grad=True)
+    G = torch.randn(S, B, 2 * O)
+    (torch.cat([gate(x), up(x)], -1) * G).sum().backward()
+
+    layer = ColumnParallelLinear(H, 2 * O, tp_group=g, sequence_parallel=sp, partitions=2)
+    assert layer.weight.shape == (2, O // T, H) and layer.weight.tp_partition_dim == 1
+    with torch.no_grad():
+        layer.weight.copy_(block(torch.stack([gate.weight, up.weight]), r, T, 1))
+        layer.bias.copy_(block(torch.stack([gate.bias, up.bias]), r, T, 1))
+    x_in = (block(x, r, T, 0) if sp else x).detach().clone().requires_grad_()
+    y = layer(x_in)
+    check("fused column out", y, torch.cat([block(gate(x), r, T, 2), block(up(x), r, T, 2)], -1))
+    (y * torch.cat([block(G[..., :O], r, T, 2), block(G[..., O:], r, T, 2)], -1)).sum().backward()
+    check("fused column dx", x_in.grad, block(x.grad, r, T, 0) if sp else x.grad)
+    check("fused column dW", layer.weight.grad, block(torch.stack([gate.weight.grad, up.weight.grad]), r, T, 1))
+    check("fused column db", layer.bias.grad, block(torch.stack([gate.bias.grad, up.bias.grad]), r, T, 1))
+
+
 def _row(ctx, sp, input_is_parallel):
     T, r, g = ctx.tp_size, ctx.tp_rank, ctx.tp_group
     torch.manual_seed(1)
@@ -127,6 +151,7 @@ def _layers_worker():
         ctx = build_parallel_context(T)
         for sp in (False, True):
             _column(ctx, sp, gather_output=False)
+            _fused_column(ctx, sp)
             _row(ctx, sp, input_is_parallel=True)
             _embedding(ctx, sp)
         _column(ctx, False, gather_output=True)

@@ -117,31 +117,45 @@ class ColumnParallelLinear(nn.Module):
     The output stays split over the last dim unless `gather_output`. Under sequence parallelism the
     input is this rank's sequence shard `[St, B, I]` and the output covers the whole sequence.
     `overlap_grad_reduce`: overlap the input-gradient all-reduce (reduce-scatter under SP) with the
-    weight-gradient matmul in backward (default), or run it before (a baseline to measure against)."""
+    weight-gradient matmul in backward (default), or run it before (a baseline to measure against).
+
+    `partitions=k` fuses k column-parallel layers of out_features/k outputs each (SwiGLU's gate and up
+    projections) into one matmul. The weight is then `[k, O/k, I]`, split over TP along dim 1, so rank r
+    holds `[gate_r; up_r]` and computes `[X gate_r | X up_r]`, while the saved global tensor stays
+    `[gate; up]` at every T. (A flat `[O, I]` weight split along dim 0 would give rank r rows of gate only,
+    or, stored as `[gate_r; up_r]` per rank, a global tensor that depends on T: Megatron-LM #360.)"""
 
     def __init__(self, in_features: int, out_features: int, *, tp_group: dist.ProcessGroup, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False, overlap_grad_reduce: bool = True,
-                 init_method: InitMethod | None = None, device=None):
+                 partitions: int = 1, init_method: InitMethod | None = None, device=None):
         super().__init__()
         T = dist.get_world_size(tp_group)
-        self.in_features, self.out_features = in_features, out_features
-        self.out_features_per_rank = _check_divisible(out_features, T, "out_features")
+        self.in_features, self.out_features, self.partitions = in_features, out_features, partitions
+        per_partition = _check_divisible(out_features, partitions, "out_features / partitions")
+        what = "out_features" if partitions == 1 else f"out_features / {partitions} (per partition)"
+        self.out_features_per_rank = partitions * _check_divisible(per_partition, T, what)
         self.tp_group, self.gather_output, self.sequence_parallel = tp_group, gather_output, sequence_parallel
         self.overlap_grad_reduce = overlap_grad_reduce
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: gather_output is not supported with sequence_parallel")
+        if partitions > 1 and gather_output:
+            raise ValueError("ColumnParallelLinear: gather_output is not supported with partitions > 1")
         init_method = init_method or _default_weight_init(in_features)
-        self.weight = _sharded_parameter((out_features, in_features), 0, tp_group, init_method, device)
-        self.bias = (_sharded_parameter((out_features,), 0, tp_group, nn.init.zeros_, device)
+        lead, dim = ((), 0) if partitions == 1 else ((partitions,), 1)
+        self.weight = _sharded_parameter((*lead, per_partition, in_features), dim, tp_group, init_method, device)
+        self.bias = (_sharded_parameter((*lead, per_partition), dim, tp_group, nn.init.zeros_, device)
                      if bias else None)
 
     def forward(self, x):  # [S(t), B, I] -> [S, B, Ot] (or [S, B, O] with gather_output)
-        y = column_parallel_linear(x, self.weight, self.bias, self.tp_group, self.sequence_parallel,
-                                   self.overlap_grad_reduce)
+        weight, bias = self.weight, self.bias
+        if self.partitions > 1:
+            weight, bias = weight.flatten(0, 1), None if bias is None else bias.flatten()
+        y = column_parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel, self.overlap_grad_reduce)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self):
-        return (f"in={self.in_features}, out={self.out_features} (per rank {self.out_features_per_rank}), "
+        fused = f", partitions={self.partitions}" if self.partitions > 1 else ""
+        return (f"in={self.in_features}, out={self.out_features} (per rank {self.out_features_per_rank}){fused}, "
                 f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}")
 
 
