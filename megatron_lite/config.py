@@ -190,7 +190,7 @@ def validate(cfg: Config, world_size: int) -> None:
 
     Cheap and collective-free: call it on every rank before any process group exists."""
     from megatron_lite.data import DataError, corpus_files
-    from megatron_lite.hf import HFError
+    from megatron_lite.hf import HFError, is_hf_model_dir, weight_files
     from megatron_lite.model import ModelConfigError
     from megatron_lite.parallel import ParallelConfigError, check_world_size
 
@@ -203,6 +203,8 @@ def validate(cfg: Config, world_size: int) -> None:
         check_world_size(world_size, cfg.parallel.tp)
         model = gpt_config(cfg)
         model.validate(cfg.parallel.tp)
+        if c.load and is_hf_model_dir(c.load):
+            weight_files(Path(c.load))
     except (ParallelConfigError, ModelConfigError, HFError) as e:
         raise ConfigError(str(e)) from None
     except (KeyError, ValueError) as e:  # a config.json without a key its architecture needs, or not JSON

@@ -147,23 +147,29 @@ def export_architecture(c: GPTConfig) -> str:
 # ------------------------------------------------------------------------------------------- weights
 
 
+def weight_files(path: Path) -> dict[str, str] | None:
+    """The weight map of a sharded checkpoint (tensor name -> file), None for one model.safetensors; raises
+    HFError naming a missing file. Cheap: reads no tensor (config validation calls it)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for f in sorted(set(weight_map.values())):
+            if not (path / f).is_file():
+                raise HFError(f"{path / f} is missing: it holds weights listed in {index}")
+        return weight_map
+    if (path / "model.safetensors").is_file():
+        return None
+    raise HFError(f"{path} has no model.safetensors or model.safetensors.index.json: megatron-lite reads "
+                  f"safetensors weights (convert .bin files with transformers' save_pretrained)")
+
+
 class SafetensorsReader:
     """The tensors of an HF model directory, read lazily: `read(name, dim, start, stop)` loads one slice."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (path / "model.safetensors").is_file():
-            weight_map = None
-        else:
-            raise HFError(f"{path} has no model.safetensors or model.safetensors.index.json: megatron-lite reads "
-                          f"safetensors weights (convert .bin files with transformers' save_pretrained)")
+        weight_map = weight_files(path)
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        for f in files:
-            if not (path / f).is_file():
-                raise HFError(f"{path / f} is missing: it holds weights listed in {index.name}")
         self.handles = {f: safe_open(str(path / f), framework="pt") for f in files}
         self.where = weight_map or {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
         self.path = path

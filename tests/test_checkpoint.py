@@ -343,7 +343,8 @@ def test_load_of_dir_without_checkpoint_says_so(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 8. The consolidated export gives the sharded model's loss (one process, and the checkpoint at TP2 + SP).
+# 8. The export is a Hugging Face model directory: transformers loads it with no missing or unexpected key
+#    and computes the sharded model's loss (one process, and the checkpoint as saved, at TP2 + SP).
 # ---------------------------------------------------------------------------------------------------------
 
 def _fixed_batch(vocab_size: int, seq_len: int):
@@ -353,7 +354,7 @@ def _fixed_batch(vocab_size: int, seq_len: int):
 
 @torch.no_grad()
 def _loss(model) -> float:
-    x, y = _fixed_batch(model.config.vocab_size, model.config.seq_len)
+    x, y = _fixed_batch(model.config.vocab_size, 64)
     return model(x.to(model.ctx.device), y.to(model.ctx.device)).item()
 
 
@@ -373,23 +374,26 @@ def ctx1():
     dist.destroy_process_group()
 
 
-def test_export_gives_the_sharded_models_loss(ref, tmp_path, ctx1):
+def test_export_loads_in_transformers_with_the_sharded_models_loss(ref, tmp_path, ctx1):
+    transformers = pytest.importorskip("transformers")
     from megatron_lite.checkpoint import load_model
-    from megatron_lite.export import load_exported
+    from megatron_lite.data import Tokenizer
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "megatron_lite.export", str(ref), str(out)], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"exported {step_dir(ref, 8)} -> {out}" in proc.stdout
+    assert f"exported {step_dir(ref, 8)} -> {out} (GPT2LMHeadModel, float32)" in proc.stdout
     print("\n" + proc.stdout.strip())
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.model"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
+                                               "tokenizer_config.json"}
 
-    exported = load_exported(out, ctx1)
-    sharded = load_model(ref, ctx1)  # DCP reshards the DP2 x TP2 checkpoint to T=1
-    assert exported.state_dict().keys() == sharded.state_dict().keys()
-    for k, v in sharded.state_dict().items():
-        assert torch.equal(exported.state_dict()[k], v), k
-    loss_exported, loss_t1 = _loss(exported), _loss(sharded)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # missing, unexpected and mismatched keys, error messages: none
+    x, y = _fixed_batch(hf.config.vocab_size, 64)
+    with torch.no_grad():
+        loss_hf = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+    loss_t1 = _loss(load_model(ref, ctx1))  # DCP reshards the DP2 x TP2 checkpoint to T=1
+    loss_imported = _loss(load_model(out, ctx1))  # the export read back through the HF import
 
     result = tmp_path / "tp2.json"  # the checkpoint as saved (TP2 + SP), on 2 processes
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(__file__)), "--loss", str(ref), str(result)]
@@ -397,11 +401,15 @@ def test_export_gives_the_sharded_models_loss(ref, tmp_path, ctx1):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     loss_tp2 = json.loads(result.read_text())
     assert loss_tp2["tp"] == 2 and loss_tp2["sp"] is True
-    print(f"loss on a fixed batch: exported {loss_exported!r}, sharded T=1 {loss_t1!r}, "
-          f"sharded TP2+SP {loss_tp2['loss']!r}")
-    assert loss_exported == loss_t1
-    assert math.isclose(loss_exported, loss_tp2["loss"], rel_tol=1e-5)
-    assert 5 < loss_exported < 10  # a trained-a-little model, not a broken one
+    print(f"loss on a fixed batch: transformers {loss_hf!r}, export re-imported {loss_imported!r}, sharded T=1 "
+          f"{loss_t1!r}, sharded TP2+SP {loss_tp2['loss']!r}")
+    assert loss_imported == loss_t1
+    assert math.isclose(loss_hf, loss_t1, rel_tol=1e-6) and math.isclose(loss_t1, loss_tp2["loss"], rel_tol=1e-5)
+    assert 5 < loss_t1 < 10  # a trained-a-little model, not a broken one
+
+    ours = Tokenizer(step_dir(ref, 8) / "tokenizer.model")
+    text = "import os\n\ndef main():\n\tprint('naïve  <n> </s>')\n"
+    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == ours.encode(text)
 
 
 # ---------------------------------------------------------------------------------------------------------

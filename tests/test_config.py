@@ -6,6 +6,7 @@ torch import time), each in an empty working directory that must still be empty 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,14 @@ FAILING = {
     "data_paths_missing": ([TRAIN, "parallel.tp=1", "data=text"], {}, ["data.paths"]),
     "lr_zero": ([TRAIN, "parallel.tp=1", "optim.lr=0"], {}, ["optim.lr=0"]),
     "lr_negative": ([TRAIN, "parallel.tp=1", "optim.lr=-1"], {}, ["optim.lr=-1"]),
+    # Hugging Face model directories (made by the `cli` fixture under {hf}) as checkpoint.load
+    "hf_architecture": ([TRAIN, "parallel.tp=1", "checkpoint.load={hf}/mistral"], {},
+                        ["architecture 'MistralForCausalLM' is not supported", "GPT2LMHeadModel and LlamaForCausalLM"]),
+    "hf_missing_weights": ([TRAIN, "parallel.tp=1", "checkpoint.load={hf}/llama_sharded"], {},
+                           ["llama_sharded/model-00002-of-00002.safetensors is missing"]),
+    "hf_tp_split": ([TRAIN, "parallel.tp=4", "checkpoint.load={hf}/llama_sharded"], {"WORLD_SIZE": "4"},
+                    ["model.num_heads=4 and model.num_kv_heads=2 must both be divisible by parallel.tp=4",
+                     "valid tp: 1, 2"]),
     # Hydra's own messages
     "unknown_key": ([TRAIN, "train.stepz=5"], {}, ["Key 'stepz' not in 'TrainConfig'"]),
     "bad_type": ([TRAIN, "train.steps=abc"], {}, ["Value 'abc'", "train.steps"]),
@@ -49,8 +58,24 @@ HYDRA = {"unknown_key", "bad_type"}  # the rest are ours: one `error: ...` line 
 PASSING = {"cfg_job": ([TRAIN, "--cfg", "job"], {}, [])}  # composes and prints the config, runs nothing
 
 
-def _run(case, tmp: Path):
+def _hf_dirs(root: Path) -> Path:
+    """config.json files of an unsupported architecture and of a Llama whose second weight shard is missing."""
+    llama = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320)
+    for name, config in (("mistral", dict(llama, architectures=["MistralForCausalLM"], model_type="mistral")),
+                         ("llama_sharded", llama)):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps(config))
+    (root / "llama_sharded" / "model-00001-of-00002.safetensors").write_bytes(b"")
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                            "model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (root / "llama_sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    return root
+
+
+def _run(case, tmp: Path, hf: Path):
     args, env_extra, _ = case
+    args = [a.replace("{hf}", str(hf)) for a in args]
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "HYDRA_FULL_ERROR") and not k.startswith("TORCHELASTIC")}
     if "WORLD_SIZE" in env_extra:
@@ -65,8 +90,9 @@ def _run(case, tmp: Path):
 def cli(tmp_path_factory):
     cases = {**FAILING, **PASSING}
     base = tmp_path_factory.mktemp("cli")
+    hf = _hf_dirs(tmp_path_factory.mktemp("hf"))
     with ThreadPoolExecutor(4) as pool:
-        futures = {name: pool.submit(_run, case, base / name) for name, case in cases.items()}
+        futures = {name: pool.submit(_run, case, base / name, hf) for name, case in cases.items()}
         return {name: f.result() for name, f in futures.items()}
 
 

@@ -116,6 +116,9 @@ def _parity_worker(root: str):
                 assert grads.keys() == ref_grads.keys(), f"{tag}: {grads.keys() ^ ref_grads.keys()}"
                 for k, g in grads.items():
                     assert _rel(g, ref_grads[k]) < 1e-5, f"{tag}: gradient of {k} off by {_rel(g, ref_grads[k]):.1e}"
+                if dist.get_rank() == 0:
+                    print(f"{tag}: max |logits - transformers'| {diff:.1e}, loss rel {abs(loss.item() - ref_loss) / ref_loss:.1e}, "
+                          f"max grad rel {max(_rel(g, ref_grads[k]) for k, g in grads.items()):.1e}", flush=True)
                 if T == 2 and sp:  # save at T=2 + SP, reshard to T=4 through DCP
                     ckpt = str(root / f"{name}_dcp")
                     dcp.save(model_state(model, ctx), checkpoint_id=ckpt)

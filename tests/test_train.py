@@ -138,6 +138,19 @@ def test_dp2_tp2_sp_trains_and_writes_run_dir(tmp_path):
     assert (run_dir / "checkpoints" / "step_0000010").is_dir()  # saved at the end
 
 
+def test_llama_tiny_dp2_tp2_sp_trains_and_samples(tmp_path):
+    """The Llama family end to end: model=llama-tiny (RMSNorm, RoPE, SwiGLU, 4 query heads on 2 KV heads)
+    at DP=2 x TP=2 + SP; the loss falls and the closing sample (KV cache, SP off) is printed."""
+    run_dir = tmp_path / "run"
+    proc = torchrun(4, f"run_dir={run_dir}", "model=llama-tiny", "parallel.tp=2", "parallel.sp=true", "train.steps=10",
+                    "optim.lr=1e-2", *SMALL, "sample.max_new_tokens=16", "sample.temperature=0")
+    train, _ = _records(run_dir)
+    assert abs(train[1]["loss"] - math.log(4096)) < 0.1 and train[10]["loss"] < train[1]["loss"] - 0.5, train
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert (cfg.model.name, cfg.model.norm, cfg.model.num_kv_heads, cfg.model.mlp) == ("llama-tiny", "rmsnorm", 2, "swiglu")
+    assert re.search(r"^sample:\ndef ", proc.stdout, re.M), proc.stdout[-2000:]
+
+
 # ---------------------------------------------------------------- 2. every layout trains the same model
 
 
