@@ -68,7 +68,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from .checkpoint import load_model, resolve
+    from .checkpoint import CheckpointError, load_model, model_config, resolve
     from .parallel import init_parallel
     from .tokenizer import load_tokenizer
 
@@ -84,10 +84,16 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     args = ap.parse_args()
 
+    try:  # bad input: one line, before any process group
+        ckpt = resolve(args.checkpoint)
+        config = model_config(ckpt, sequence_parallel=False)
+        config.validate(args.tp or int(os.environ.get("WORLD_SIZE", 1)))
+        tok = load_tokenizer(ckpt)
+    except (CheckpointError, ValueError) as e:  # HFError, ModelConfigError, DataError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     ctx = init_parallel(args.tp or int(os.environ.get("WORLD_SIZE", 1)), device=args.device)
-    ckpt = resolve(args.checkpoint)
     model = load_model(ckpt, ctx, sequence_parallel=False)
-    tok = load_tokenizer(ckpt)
     prompt = tok.encode_prompt(args.prompt)
     t0 = time.perf_counter()
     ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
