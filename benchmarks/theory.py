@@ -58,9 +58,10 @@ def comm_items(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | 
     TP regions the row layer's all-gather of the output gradient, the column layer's re-gather of its saved
     input shard (megatron-lite saves the s/t shard, not the gathered input) and its reduce-scatter of the
     input gradient: 4 all-gathers + 2 reduce-scatters. The embedding reduce-scatters forward (all-gathers
-    backward); the output layer all-gathers forward and all-gathers + reduce-scatters backward. Each
-    TP-replicated parameter (2 LayerNorms x (w, b) and 2 row-parallel biases per layer, the final
-    LayerNorm, the position embedding) sees only this rank's tokens: one all-reduce of its gradient.
+    backward); the output layer all-gathers forward and all-gathers + reduce-scatters backward. The
+    TP-replicated parameters (2 LayerNorms x (w, b) and 2 row-parallel biases per layer, the final
+    LayerNorm, the position embedding) see only this rank's tokens: their gradients are summed over TP in
+    one all-reduce per optimizer step (optim.finalize_model_grads; one step = one micro-batch here).
 
     Full recompute (cfg.recompute == "full") re-runs the forward collectives of each layer in backward, up
     to the layer's last saved tensor (see below); selective recompute re-runs only the attention core, which
@@ -89,9 +90,8 @@ def comm_items(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | 
                       Item("output layer: all-gather input (fwd)", "all_gather", T, act, 1),
                       Item("output layer: re-gather input (bwd)", "all_gather", T, act, 1),
                       Item("output layer: reduce-scatter input grad (bwd)", "reduce_scatter", T, act, 1),
-                      Item("replicated grads: LayerNorm w,b + row biases (6/layer) + ln_f w,b",
-                           "all_reduce", T, h * elem, 6 * L + 2),
-                      Item("replicated grads: position embedding", "all_reduce", T, cfg.seq_len * h * elem, 1)]
+                      Item("finalize: replicated grads (LayerNorms, row biases, wpe), one coalesced all-reduce",
+                           "all_reduce", T, param_counts(cfg)[1] * elem, 1)]
         if getattr(cfg, "recompute", "none") == "full":
             # backward re-runs each layer's forward under torch.utils.checkpoint, which stops as soon as every
             # saved tensor is rebuilt (early stop): the MLP's last linear saves its input, so the final `g`

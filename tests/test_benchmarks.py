@@ -6,6 +6,7 @@ import torch
 
 from distributed import run_distributed
 from megatron_lite.model import GPT, GPTConfig
+from megatron_lite.optim import finalize_model_grads
 from megatron_lite.parallel import build_parallel_context
 
 from benchmarks import run, theory
@@ -32,6 +33,7 @@ def _peer_worker():
         dt = build_dtensor_gpt(ml.config, ctx.tp_group, ml.full_state(), sp)
         loss_ml = ml(tokens, targets)
         loss_ml.backward()
+        finalize_model_grads(ml)
         loss_dt = dtensor_loss_and_backward(dt, tokens, targets)
         assert abs(loss_ml.item() - loss_dt.item()) / loss_ml.item() < 1e-5, (sp, loss_ml.item(), loss_dt.item())
         ml_grads = ml.full_state(grads=True)
