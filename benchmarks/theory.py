@@ -107,6 +107,29 @@ def comm_items(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | 
     return items
 
 
+def zero_state_bytes(local: int, dp: int, zero: int, elem: int = 4) -> int:
+    """AdamW's two moments on one rank: 2 x elem x P_local, or 1/DP of it under ZeRO-1 (Rajbhandari et al.
+    2020, section 5.1, P_os: the optimizer state split N_d ways; with fp32 weights and grads a rank holds
+    4P + 4P + 8P/N_d bytes)."""
+    return 2 * elem * local // (dp if zero == 1 else 1)
+
+
+def zero_dp_collectives(padded: int, buckets: int, dp: int, zero: int, ddp_buckets: int = 1,
+                        elem: int = 4) -> dict[str, tuple[int, int]]:
+    """The DP-group collectives of one optimizer step: op -> (calls, total logical bytes).
+
+    zero=0: DDP's all-reduce of the P/t local gradients (one per DDP bucket). zero=1 (ZeRO section 7):
+    a reduce-scatter of the gradients and an all-gather of the updated parameters, one per bucket, each over
+    the P/t local elements padded to a multiple of DP per bucket (`padded`), and the grad norm's all-reduce of
+    one float. Per rank a ring moves 2(dp-1)/dp of an all-reduced tensor and (dp-1)/dp of a reduce-scattered
+    or all-gathered one: the same bytes, padding aside."""
+    if dp == 1:
+        return {}
+    if zero == 0:
+        return {"all_reduce": (ddp_buckets, padded * elem)}
+    return {"reduce_scatter": (buckets, padded * elem), "all_gather": (buckets, padded * elem), "all_reduce": (1, elem)}
+
+
 def ring_bytes(op: str, group_size: int, nbytes: int) -> float:
     """Bytes each rank sends with ring algorithms: an all-reduce moves 2(g-1)/g of the tensor, an all-gather
     or reduce-scatter (g-1)/g. Logical bytes count an all-reduce like one all-gather; this does not."""

@@ -24,7 +24,7 @@ keeps and updates the AdamW moments of 1/DP of the parameters, so fp32 training 
   parameter buffer, i.e. into the model's weights (overlapping the next bucket's update).
 
 A reduce-scatter plus an all-gather of the P/T local elements move the same logical bytes as DDP's one
-all-reduce (ZeRO section 7.2.1); on gloo a reduce-scatter runs a whole all-reduce underneath, so on CPU the
+all-reduce (ZeRO section 7); on gloo a reduce-scatter runs a whole all-reduce underneath, so on CPU the
 gain is memory only.
 
 Checkpoints stay layout-free: `full_state()` all-gathers the moments over DP into full per-parameter tensors
