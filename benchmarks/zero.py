@@ -102,10 +102,11 @@ def _count_step(device, cfg_kw: dict, micro_batch: int) -> list[dict]:
         expected = zero_dp_collectives(padded, buckets, ctx.dp_size, zero, ddp_buckets=buckets)
         replicated = sum(p.numel() for p in replicated_params(model))
         if zero == 1:  # this rank sums the replicated elements it owns
-            replicated = sum(s.end - s.start for segs in opt.segments for s in segs if tp_partition_dim(s.param) is None)
+            replicated = sum(g.numel() for g in opt.replicated_grad_shards)
         # over TP: the cross-entropy's MAX (b*s) and SUM (2*b*s), the grad norm's (1), finalize's (the replicated)
         tp_calls = sorted(c.numel for c in log.calls if c.op == "all_reduce" and c.group is ctx.tp_group)
-        want_tp = sorted([micro_batch * cfg.seq_len, 2 * micro_batch * cfg.seq_len, 1] + ([replicated] if replicated else []))
+        b_s = micro_batch * cfg.seq_len
+        want_tp = sorted([b_s, 2 * b_s, 1] + ([replicated] if replicated else []))
         agree = torch.tensor([int(measured == expected and tp_calls == want_tp)], device=device)
         dist.all_reduce(agree, op=dist.ReduceOp.MIN)
         out.append(dict(zero=zero, dp=ctx.dp_size, tp=ctx.tp_size, measured=measured, expected=expected,
@@ -135,13 +136,15 @@ def _zero_ab(device, cfg_kw: dict, micro_batch: int, warmup: int, steps: int) ->
         model = GPT(cfg, ctx)
         opt = build_optimizer(model, _optim(), ctx, **kw)
         buckets = len(getattr(opt, "buckets", [])) or buckets
-        contenders[name] = lambda i, opt=opt, model=model: _step(opt, model, cfg, micro_batch, 1, i, device, ctx.dp_rank)
+        contenders[name] = lambda i, opt=opt, model=model: _step(opt, model, cfg, micro_batch, 1, i, device,
+                                                                 ctx.dp_rank)
     res = _summary(*interleaved(contenders, warmup, steps, device), baseline=next(iter(CONTENDERS)))
     flat = torch.zeros(sum(p.numel() for p in model.parameters()), device=device)
     shard = flat[:flat.numel() // ctx.dp_size]
-    res["alone"] = dict(all_reduce=_alone(lambda: dist.all_reduce(flat, group=ctx.dp_group), device),
-                        reduce_scatter=_alone(lambda: dist.reduce_scatter_single(shard, flat, group=ctx.dp_group), device),
-                        all_gather=_alone(lambda: dist.all_gather_single(flat, shard, group=ctx.dp_group), device),
+    g = ctx.dp_group
+    res["alone"] = dict(all_reduce=_alone(lambda: dist.all_reduce(flat, group=g), device),
+                        reduce_scatter=_alone(lambda: dist.reduce_scatter_single(shard, flat, group=g), device),
+                        all_gather=_alone(lambda: dist.all_gather_single(flat, shard, group=g), device),
                         bytes=flat.nbytes)
     res.update(dp=ctx.dp_size, buckets=buckets, local=flat.numel())
     return res

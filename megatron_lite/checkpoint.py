@@ -139,7 +139,8 @@ def load_state(path: Path, model, opt, ctx, process_group=None) -> None:
     sd = {k: v for k, v in _full_state(model, opt, ctx).items() if k in saved or not k.startswith("rng.")}
     dcp.load(sd, checkpoint_id=str(path), process_group=process_group)
     opt.load_full_state({n: {"exp_avg": sd[f"optim.{n}.exp_avg"].to_local(), "step": sd[f"optim.{n}.step"],
-                             "exp_avg_sq": sd[f"optim.{n}.exp_avg_sq"].to_local()} for n, _ in model.named_parameters()})
+                             "exp_avg_sq": sd[f"optim.{n}.exp_avg_sq"].to_local()}
+                         for n, _ in model.named_parameters()})
     loaded = {k.split(".")[1]: v for k, v in sd.items() if k.startswith("rng.")}
     model.rng.set_states({**model.rng.get_states(), **loaded})  # a stream not in it keeps its seed
 

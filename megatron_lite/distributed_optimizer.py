@@ -105,7 +105,7 @@ class DistributedOptimizer:
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.num_steps = 0
         self.segments: list[list[Segment]] = []  # per bucket: the owned parts of its parameters
-        self._grad_views = {}
+        self._grad_views: dict[nn.Parameter, torch.Tensor] = {}  # the gradient buffer views, per parameter
         group_of = {id(p): k for k, g in enumerate(self.param_groups) for p in g["params"]}
         state_offset = 0
         for b in self.buckets:
@@ -117,9 +117,11 @@ class DistributedOptimizer:
                 p.register_post_accumulate_grad_hook(lambda param, b=b: self._grad_ready(b, param))
             self.segments.append(self._owned_segments(b, state_offset))
             state_offset += b.shard_numel
-        self._segments_by_group = [[[s for s in segs if group_of[id(s.param)] == k] for k in range(len(self.param_groups))]
-                                   for segs in self.segments]
-        self._replicated_grads = [s.grad for segs in self.segments for s in segs if tp_partition_dim(s.param) is None]
+        self._segments_by_group = [[[s for s in segs if group_of[id(s.param)] == k]
+                                    for k in range(len(self.param_groups))] for segs in self.segments]
+        # the parts of the TP-replicated parameters' gradients this rank owns: finalize sums them over TP
+        self.replicated_grad_shards = [s.grad for segs in self.segments for s in segs
+                                       if tp_partition_dim(s.param) is None]
         self._sync, self._next_bucket, self._norm = True, 0, None
 
     def _make_buckets(self, named: list[tuple[str, nn.Parameter]], bucket_bytes: int) -> list[Bucket]:
@@ -198,7 +200,7 @@ class DistributedOptimizer:
                 if b.work is not None:
                     b.work.wait()
                     b.work = None
-            finalize_model_grads(self.model, self._replicated_grads)
+            finalize_model_grads(self.model, self.replicated_grad_shards)
             grads = [(s.grad, tp_partition_dim(s.param) is not None) for segs in self.segments for s in segs]
             self._norm = grad_norm(grads, self.ctx.tp_group, self.dp_group)
         return self._norm

@@ -233,7 +233,8 @@ def test_worker_killed_mid_run_restarts_and_matches(ref, tmp_path, zero):
     else:  # the reference is zero=0: the same math, summed in another order (bitwise resume: tests/test_zero.py)
         print(f"zero=1 vs the zero=0 reference: max relative loss difference "
               f"{max(abs(a - b) / b for a, b in zip(losses(run).values(), losses(ref).values())):.1e}")
-        mem = re.search(r"optimizer state per rank: [\d.]+ MiB measured \(([\d,]+) bytes\), theory .* = ([\d,]+) bytes", log)
+        mem = re.search(r"optimizer state per rank: [\d.]+ MiB measured \(([\d,]+) bytes\), theory .* = "
+                        r"([\d,]+) bytes", log)
         assert mem and mem[1] == mem[2] == "742,656", log  # 8 x 185,664 local parameters / DP 2 (no padding here)
         print(mem[0])
     assert ckpt_names(run) == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]

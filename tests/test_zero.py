@@ -44,7 +44,8 @@ GLOBAL_BATCH, ACCUM, STEPS = 8, 2, 3
 # turns into updates of +-lr that differ between any two summation orders
 OPTIM = types.SimpleNamespace(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-6, grad_clip=0.3, fused=True)
 BUCKET = 4096  # bytes: several buckets even for these small models
-LAYOUTS = {"DP2xTP2 SP": (2, 2, True, CFG), "DP2xTP2 no SP": (2, 2, False, CFG), "DP4xTP1 odd sizes": (4, 1, False, ODD)}
+LAYOUTS = {"DP2xTP2 SP": (2, 2, True, CFG), "DP2xTP2 no SP": (2, 2, False, CFG),
+           "DP4xTP1 odd sizes": (4, 1, False, ODD)}
 
 
 def global_batch(step: int, cfg: dict) -> torch.Tensor:
@@ -123,7 +124,8 @@ def _equivalence(out: dict) -> None:
         for zero in (0, 1):
             model, opt = build(ctx, cfg, sp, zero)
             losses, norms = train(model, opt, ctx, STEPS, cfg)
-            res[zero] = dict(losses=losses, norms=norms, weight_err=all_max(max_rel_err(full_weights(model), ref_weights), ctx))
+            weight_err = all_max(max_rel_err(full_weights(model), ref_weights), ctx)
+            res[zero] = dict(losses=losses, norms=norms, weight_err=weight_err)
             if zero == 1:
                 res["ownership"] = _ownership(model, opt, ctx)
         if ctx.rank == 0:
@@ -145,10 +147,11 @@ def _ownership(model, opt, ctx) -> dict:
         dist.all_reduce(present[n], group=ctx.dp_group)
     local = sum(p.numel() for p in model.parameters())
     padded = sum(b.numel for b in opt.buckets)
-    return dict(min_owners=min(int(o.min()) for o in owners.values()), max_owners=max(int(o.max()) for o in owners.values()),
+    return dict(min_owners=min(int(o.min()) for o in owners.values()),
+                max_owners=max(int(o.max()) for o in owners.values()),
                 state_bytes=int(all_max(opt.state_bytes(), ctx)), local=local, padded=padded, dp=ctx.dp_size,
-                buckets=len(opt.buckets), params_missing_on_some_rank=sum(int(c) < ctx.dp_size for c in present.values()),
-                params=len(owners))
+                buckets=len(opt.buckets), params=len(owners),
+                params_missing_on_some_rank=sum(int(c) < ctx.dp_size for c in present.values()))
 
 
 def _adamw_exact(out: dict) -> None:
@@ -230,11 +233,11 @@ def _coalesced(out: dict) -> None:
                 if zero == 0:
                     want = sum(p.numel() for p in replicated_params(model))
                 else:
-                    want = sum(s.end - s.start for segs in opt.segments for s in segs if tp_partition_dim(s.param) is None)
+                    want = sum(g.numel() for g in opt.replicated_grad_shards)
                 per_rank = [None] * (dp * tp)
-                dist.all_gather_object(per_rank, dict(tp_all_reduces=tp_reduces, replicated_numel=want,
-                                                      replicated_total=sum(p.numel() for p in replicated_params(model))),
-                                       group=group)
+                mine = dict(tp_all_reduces=tp_reduces, replicated_numel=want,
+                            replicated_total=sum(p.numel() for p in replicated_params(model)))
+                dist.all_gather_object(per_rank, mine, group=group)
                 if ctx.rank == 0:
                     out.setdefault("coalesced", {})[(dp, tp, zero, accum)] = per_rank
 
