@@ -209,8 +209,10 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
+        """Clip this rank's gradient shards to the global norm, update its parameter shards with AdamW, and
+        all-gather every bucket's parameters over DP. Returns the norm (before clipping)."""
         norm = self.prepare_grads()
-        shards = [self._grad_shard(b) for b in self.buckets]
+        shards = [self.grad_buffer[b.shard_offset:b.shard_offset + b.shard_numel] for b in self.buckets]
         if self.grad_clip > 0:
             torch._foreach_mul_(shards, clip_coefficient(self.grad_clip, norm))
         works = []
@@ -232,9 +234,6 @@ class DistributedOptimizer:
         self.num_steps += 1
         self._norm = None
         return norm
-
-    def _grad_shard(self, b: Bucket) -> torch.Tensor:
-        return self.grad_buffer[b.shard_offset:b.shard_offset + b.shard_numel]
 
     def zero_grad(self) -> None:
         self.grad_buffer.zero_()
@@ -260,11 +259,11 @@ class DistributedOptimizer:
             state_offset = 0
             for b in self.buckets:
                 mine = state[state_offset:state_offset + b.shard_numel]
-                out = flat[b.offset:b.offset + b.numel]
+                bucket = flat[b.offset:b.offset + b.numel]
                 if self.dp > 1:
-                    dist.all_gather_single(out, mine, group=self.dp_group)
+                    dist.all_gather_single(bucket, mine, group=self.dp_group)
                 else:
-                    out.copy_(mine)
+                    bucket.copy_(mine)
                 state_offset += b.shard_numel
             full[key] = flat
         out = {}

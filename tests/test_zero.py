@@ -30,7 +30,7 @@ from distributed import run_distributed
 from megatron_lite.checkpoint import _full_state, load_state
 from megatron_lite.comm_count import CollectiveCounter
 from megatron_lite.model import GPT, GPTConfig
-from megatron_lite.optim import build_optimizer
+from megatron_lite.optim import build_optimizer, param_groups
 from megatron_lite.parallel import build_parallel_context
 from megatron_lite.tensor_parallel import gather_tp_shards, replicated_params, tp_partition_dim
 
@@ -81,10 +81,6 @@ def build(ctx, cfg, sp, zero, **kw):
     return model, build_optimizer(model, OPTIM, ctx, zero=zero, **({"bucket_bytes": BUCKET} | kw if zero else {}))
 
 
-def full_weights(model) -> dict[str, torch.Tensor]:
-    return model.full_state()
-
-
 def max_rel_err(got: dict, want: dict) -> float:
     return max(((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)).item() for k in want)
 
@@ -98,6 +94,7 @@ def all_max(x: float, ctx) -> float:
 
 
 def broadcast(obj):
+    """Rank 0's `obj` on every rank of the world."""
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -113,7 +110,7 @@ def _equivalence(out: dict) -> None:
         if one is not None:
             model, opt = build(one, cfg, False, 0)
             losses, norms = train(model, opt, one, STEPS, cfg)
-            refs[cfg["seed"]] = (losses, norms, full_weights(model))
+            refs[cfg["seed"]] = (losses, norms, model.full_state())
     refs = broadcast(refs)
     for name, (dp, tp, sp, cfg) in LAYOUTS.items():
         ctx = build_parallel_context(tp, world_size=dp * tp)
@@ -124,7 +121,7 @@ def _equivalence(out: dict) -> None:
         for zero in (0, 1):
             model, opt = build(ctx, cfg, sp, zero)
             losses, norms = train(model, opt, ctx, STEPS, cfg)
-            weight_err = all_max(max_rel_err(full_weights(model), ref_weights), ctx)
+            weight_err = all_max(max_rel_err(model.full_state(), ref_weights), ctx)
             res[zero] = dict(losses=losses, norms=norms, weight_err=weight_err)
             if zero == 1:
                 res["ownership"] = _ownership(model, opt, ctx)
@@ -164,10 +161,9 @@ def _adamw_exact(out: dict) -> None:
     model = GPT(GPTConfig(**ODD), ctx)
     ref = GPT(GPTConfig(**ODD), ctx)
     opt = build_optimizer(model, o, ctx, zero=1, bucket_bytes=BUCKET)
-    from megatron_lite.optim import param_groups
     torch_opt = torch.optim.AdamW(param_groups(ref, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     g = torch.Generator().manual_seed(11)
-    for step, lr in enumerate((1e-2, 3e-3, 5e-2)):
+    for lr in (1e-2, 3e-3, 5e-2):
         for p, q in zip(model.parameters(), ref.parameters()):
             grad = torch.randint(-2000, 2000, p.shape, generator=g).float() / 1024
             p.grad.copy_(grad)
@@ -199,7 +195,7 @@ def _nonfinite(out: dict) -> None:
     with opt.no_sync():
         opt.module(tokens[:, :-1], tokens[:, 1:]).backward()
     if ctx.rank == 3:
-        model.blocks[0].fc.weight.grad.view(-1)[5] = float("inf")
+        next(p for p in model.parameters() if tp_partition_dim(p) is not None).grad.view(-1)[5] = float("inf")
     opt.module(tokens[:, :-1], tokens[:, 1:]).backward()
     before = [p.detach().clone() for p in model.parameters()]
     finite = torch.tensor([float(math.isfinite(opt.prepare_grads().item()))])
