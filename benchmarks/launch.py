@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_lite.model import GPTConfig
+from megatron_lite.optim import finalize_model_grads
 from megatron_lite.parallel import free_port
 
 from .dtensor_gpt import dtensor_loss_and_backward
@@ -86,8 +87,11 @@ def adamw(model):
 
 
 def ml_step(net, opt, tokens, targets) -> float:
+    """One megatron-lite train step: forward, backward, finalize_model_grads (the SP-replicated gradients'
+    TP sum; `net` is the GPT or DDP around it), AdamW."""
     loss = net(tokens, targets)
     loss.backward()
+    finalize_model_grads(getattr(net, "module", net))
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()

@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from megatron_lite.comm_count import CollectiveCounter
 from megatron_lite.model import GPT, GPTConfig
-from megatron_lite.parallel import ParallelContext, build_parallel_context
+from megatron_lite.optim import finalize_model_grads
+from megatron_lite.parallel import build_parallel_context
 from megatron_lite.tensor_parallel.mappings import reduce_scatter_dim0
 from megatron_lite.tensor_parallel.random import checkpoint
 
@@ -121,6 +122,7 @@ def comm_worker(device, cfg_kw: dict, micro_batch: int, layouts: list[tuple[int,
                 if state is not None:
                     state.counter = log if step == 1 else None  # count the second step
                 net(tokens, targets).backward()
+                finalize_model_grads(model)
             model.zero_grad(set_to_none=True)
         measured, dp_bytes = Counter(), 0
         dp_calls = state.dp_calls if state else set()
@@ -197,26 +199,6 @@ def memory_worker(device, cfg_kw: dict, micro_batch: int, tps: list[int], recomp
 
 # ---- section 4: throughput of DP x TP layouts, interleaved --------------------------------------------
 
-def sub_context(n: int, tp: int, device) -> ParallelContext | None:
-    """A DP x TP grid over ranks [0, n) of the world (the other ranks get None and stay idle); every rank
-    of the world must call this, in the same order (new_group is collective over the world)."""
-    rank = dist.get_rank()
-    grid = torch.arange(n).view(n // tp, tp)
-    tp_group = dp_group = None
-    for row in grid.tolist():
-        g = dist.new_group(row)
-        tp_group = g if rank in row else tp_group
-    for col in grid.t().tolist():
-        g = dist.new_group(col)
-        dp_group = g if rank in col else dp_group
-    if rank >= n:
-        return None
-    dp_rank, tp_rank = divmod(rank, tp)
-    return ParallelContext(tp_group=tp_group, dp_group=dp_group, tp_rank=tp_rank, tp_size=tp, dp_rank=dp_rank,
-                           dp_size=n // tp, rank=rank, world_size=n, device=device,
-                           grid=tuple(tuple(r) for r in grid.tolist()))
-
-
 def scaling_worker(device, cfg_kw: dict, global_batch: int, layouts: list[tuple[int, int, bool]], warmup: int,
                    steps: int):
     """tokens/s of megatron-lite for each (processes, TP, SP) layout (DP = processes / TP, DDP over DP) at a
@@ -224,7 +206,7 @@ def scaling_worker(device, cfg_kw: dict, global_batch: int, layouts: list[tuple[
     machine's load hits them all alike; ranks outside a layout wait at the barrier while it runs."""
     runs = []
     for n, T, sp in layouts:
-        ctx = sub_context(n, T, device)
+        ctx = build_parallel_context(T, device, world_size=n)  # ranks >= n get None
         cfg = GPTConfig(**cfg_kw, sequence_parallel=sp)
         if ctx is None:
             runs.append(None)

@@ -7,6 +7,9 @@
 5. MFU on one GPU (gpt2-small, bf16 autocast), PaLM's formula; skipped without CUDA
 6. optimizations, before and after: column-parallel grad-reduce overlap, DP gradient reduction overlapped with
    backward (DDP buckets), recompute none/selective/full (time, and the memory of section 3)
+7. the distributed optimizer (parallel.zero=1): AdamW state per rank against theory at DP = 1, 2, 4; the DP
+   collectives of a step against theory; step time against zero=0 and with its overlaps off; the coalesced
+   gradient finalization against the per-parameter hooks it replaced
 
 CPU: gloo, N spawned processes with one thread each. GPUs: NCCL, one process per GPU; a job that needs more
 processes than there are GPUs runs on CPU (and says so). Sections 2 and 3 count things that do not depend
@@ -26,7 +29,7 @@ import torch
 
 from megatron_lite.model import GPTConfig
 
-from . import measure, theory
+from . import measure, theory, zero
 from .launch import launch
 
 BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_heads=8, dropout=0.0, seed=0)
@@ -296,18 +299,77 @@ def section_opt(rep: Report, args, kw, memory: list | None) -> dict:
     return res
 
 
+def section_zero(rep: Report, args, kw) -> dict:
+    b, steps = args.micro_batch, args.opt_steps
+    rep(f"== 7. the distributed optimizer (parallel.zero=1: ZeRO-1 over DP), {shape_str(kw, b)}, AdamW, "
+        f"fp32; device cpu")
+    static = launch(zero.zero_static_worker, 4, kw, b)
+    rep("-- a. AdamW state per rank (exp_avg + exp_avg_sq): measured = bytes of the optimizer's state tensors; "
+        "theory 8 B x P_local (zero=0), 8 B x P_local / DP (zero=1)")
+    rows = []
+    for r in static["state"]:
+        z0, z1 = r[0], r[1]
+        rows.append([f"DP{r['dp']} x TP{r['tp']}", f"{z0['local']:,}", f"{z0['bytes']:,}", f"{z0['theory']:,}",
+                     f"{z1['bytes']:,}", f"{z1['theory']:,}", f"{z1['bytes'] - z1['theory']:,}",
+                     f"{r['padded'] - z1['local']} in {r['buckets']}", f"{z1['bytes'] / z0['bytes']:.4f}"])
+    rep.table(["layout", "P_local", "zero=0 bytes", "theory", "zero=1 bytes", "theory", "zero=1 - theory",
+               "padding elements in buckets", "zero=1 / zero=0"], rows)
+    rep("-- b. collectives of one optimizer step over the DP group, DP2 x TP2 SP, counted with CollectiveCounter "
+        "(DDP's through a comm hook calling its default all-reduce) against theory.zero_dp_collectives; logical bytes")
+    rows = []
+    for r in static["comm"]:
+        for op in sorted(set(r["measured"]) | set(r["expected"])):
+            (tc, tb), (mc, mb) = r["expected"].get(op, (0, 0)), r["measured"].get(op, (0, 0))
+            rows.append([f"zero={r['zero']}", op, tc, human_bytes(tb), mc, human_bytes(mb),
+                         human_bytes(int(theory.ring_bytes(op, r["dp"], mb)))])
+    rep.table(["", "op over DP", "theory calls", "theory bytes", "measured calls", "measured bytes",
+               "sent per rank by a ring"], rows)
+    for r in static["comm"]:
+        rep(f"   zero={r['zero']}: measured == theory on every rank (DP and TP): {'YES' if r['equal'] else 'NO'}; "
+            f"TP all-reduces per step {r['tp_all_reduces']} (cross-entropy 2, grad norm 1, the SP-replicated "
+            f"gradients 1: {r['finalize_numel']:,} elements{' owned by rank 0' if r['zero'] else ''})")
+    timing = launch(zero.zero_time_worker, 2, kw, b, 2, 1, steps)
+    r = timing["dp"]
+    rep(f"-- c. step time, DP{r['dp']} x TP1, one micro-batch of {b}, {steps} steps after 1 warm-up, the contenders "
+        f"taking turns step by step (ms/step: median of the slowest rank); zero=1 in {r['buckets']} bucket(s)")
+    _ab_table(rep, r)
+    a = r["alone"]
+    rep(f"   the DP collectives alone, {human_bytes(a['bytes'])} of gradients or parameters: all-reduce "
+        f"{1e3 * a['all_reduce']:.0f} ms; reduce-scatter {1e3 * a['reduce_scatter']:.0f} ms + all-gather "
+        f"{1e3 * a['all_gather']:.0f} ms (gloo's reduce-scatter runs a whole all-reduce underneath)")
+    for name in list(r["median"])[1:]:
+        rep(f"   verdict {name} vs zero=0: {verdict(r, name)}")
+    r = timing["finalize"]
+    counts = r["replicated_all_reduces"]
+    rep(f"-- d. the SP-replicated gradients' TP sum, DP1 x TP{r['tp']} SP, zero=0, {r['accum']} micro-batches of "
+        f"{r['micro_batch']} per step: all-reduces of them per step: "
+        + ", ".join(f"{n}: {c}" for n, c in counts.items()) + f" ({r['replicated_params']} replicated parameters)")
+    _ab_table(rep, r)
+    rep(f"   verdict finalize_model_grads vs the hooks: {verdict(r, 'finalize_model_grads (coalesced)')}")
+    rep()
+    return dict(static=static, timing=timing)
+
+
+def _ab_table(rep: Report, r: dict) -> None:
+    rows = [[name, f"{1e3 * r['median'][name]:.0f}", f"{r['ratio'][name]:.3f}",
+             f"{r['paired'][name]['median']:.3f} ({r['paired'][name]['q1']:.2f}-{r['paired'][name]['q3']:.2f})",
+             f"{r['loss_max_diff'][name]:.1e}"] for name in r["median"]]
+    rep.table(["contender", "ms/step", "vs baseline", "per-step ratio: median (quartiles)", "loss max |diff|"], rows)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
     p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated subset of 1..6")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated subset of 1..7")
     p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
     p.add_argument("--global-batch", type=int, default=None, help="section 4 (default 8)")
     p.add_argument("--scale-steps", type=int, default=None, help="measured steps per layout in section 4 (default 4)")
-    p.add_argument("--opt-steps", type=int, default=None, help="measured steps per contender in section 6 (default 10)")
+    p.add_argument("--opt-steps", type=int, default=None,
+                   help="measured steps per contender in sections 6 and 7 (default 10)")
     p.add_argument("--mfu-batch", type=int, default=8)
     p.add_argument("--mfu-steps", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one step of each contender")
@@ -343,6 +405,8 @@ def main(argv=None) -> dict:
         result["mfu"] = section_mfu(rep, args, dev)
     if 6 in sections:
         result["optimizations"] = section_opt(rep, args, kw, result.get("memory"))
+    if 7 in sections:
+        result["zero"] = section_zero(rep, args, kw)
     info["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0
     rep(f"total {result['wall_s']:.0f} s; load average at end {info['loadavg_end'][0]:.2f}; numbers in {args.out}")

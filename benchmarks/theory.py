@@ -58,9 +58,10 @@ def comm_items(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | 
     TP regions the row layer's all-gather of the output gradient, the column layer's re-gather of its saved
     input shard (megatron-lite saves the s/t shard, not the gathered input) and its reduce-scatter of the
     input gradient: 4 all-gathers + 2 reduce-scatters. The embedding reduce-scatters forward (all-gathers
-    backward); the output layer all-gathers forward and all-gathers + reduce-scatters backward. Each
-    TP-replicated parameter (2 LayerNorms x (w, b) and 2 row-parallel biases per layer, the final
-    LayerNorm, the position embedding) sees only this rank's tokens: one all-reduce of its gradient.
+    backward); the output layer all-gathers forward and all-gathers + reduce-scatters backward. The
+    TP-replicated parameters (2 LayerNorms x (w, b) and 2 row-parallel biases per layer, the final
+    LayerNorm, the position embedding) see only this rank's tokens: their gradients are summed over TP in
+    one all-reduce per optimizer step (optim.finalize_model_grads; one step = one micro-batch here).
 
     Full recompute (cfg.recompute == "full") re-runs the forward collectives of each layer in backward, up
     to the layer's last saved tensor (see below); selective recompute re-runs only the attention core, which
@@ -89,9 +90,8 @@ def comm_items(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | 
                       Item("output layer: all-gather input (fwd)", "all_gather", T, act, 1),
                       Item("output layer: re-gather input (bwd)", "all_gather", T, act, 1),
                       Item("output layer: reduce-scatter input grad (bwd)", "reduce_scatter", T, act, 1),
-                      Item("replicated grads: LayerNorm w,b + row biases (6/layer) + ln_f w,b",
-                           "all_reduce", T, h * elem, 6 * L + 2),
-                      Item("replicated grads: position embedding", "all_reduce", T, cfg.seq_len * h * elem, 1)]
+                      Item("finalize: replicated grads (LayerNorms, row biases, wpe), one coalesced all-reduce",
+                           "all_reduce", T, param_counts(cfg)[1] * elem, 1)]
         if getattr(cfg, "recompute", "none") == "full":
             # backward re-runs each layer's forward under torch.utils.checkpoint, which stops as soon as every
             # saved tensor is rebuilt (early stop): the MLP's last linear saves its input, so the final `g`
@@ -105,6 +105,29 @@ def comm_items(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | 
     if dp > 1:
         items.append(Item("DP: gradient all-reduce of P/t local params", DP_GRADS, dp, local_params(cfg, T) * elem, 1))
     return items
+
+
+def zero_state_bytes(local: int, dp: int, zero: int, elem: int = 4) -> int:
+    """AdamW's two moments on one rank: 2 x elem x P_local, or 1/DP of it under ZeRO-1 (Rajbhandari et al.
+    2020, section 5.1, P_os: the optimizer state split N_d ways; with fp32 weights and grads a rank holds
+    4P + 4P + 8P/N_d bytes)."""
+    return 2 * elem * local // (dp if zero == 1 else 1)
+
+
+def zero_dp_collectives(padded: int, buckets: int, dp: int, zero: int, ddp_buckets: int = 1,
+                        elem: int = 4) -> dict[str, tuple[int, int]]:
+    """The DP-group collectives of one optimizer step: op -> (calls, total logical bytes).
+
+    zero=0: DDP's all-reduce of the P/t local gradients (one per DDP bucket). zero=1 (ZeRO section 7):
+    a reduce-scatter of the gradients and an all-gather of the updated parameters, one per bucket, each over
+    the P/t local elements padded to a multiple of DP per bucket (`padded`), and the grad norm's all-reduce of
+    one float. Per rank a ring moves 2(dp-1)/dp of an all-reduced tensor and (dp-1)/dp of a reduce-scattered
+    or all-gathered one: the same bytes, padding aside."""
+    if dp == 1:
+        return {}
+    if zero == 0:
+        return {"all_reduce": (ddp_buckets, padded * elem)}
+    return {"reduce_scatter": (buckets, padded * elem), "all_gather": (buckets, padded * elem), "all_reduce": (1, elem)}
 
 
 def ring_bytes(op: str, group_size: int, nbytes: int) -> float:

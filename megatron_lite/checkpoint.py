@@ -2,7 +2,9 @@
 
 Every parameter and AdamW moment is saved as a global tensor described by its shards (a DTensor over
 the DP x TP mesh: replicated over DP, split over TP along the layer's `tp_partition_dim`), so DCP can
-read a checkpoint into any DP x TP layout, SP on or off. Nothing is gathered to one rank.
+read a checkpoint into any DP x TP layout, SP on or off, parallel.zero 0 or 1 (the distributed optimizer
+hands over its moments whole, gathered over DP, and keeps its own ranges on load). Nothing is gathered to
+one rank.
 
 A checkpoint is complete or invisible: it is written to `step_NNNNNNN.tmp/` and renamed to
 `step_NNNNNNN/` by rank 0 only after DCP has written its metadata, which it does once every rank has
@@ -101,22 +103,14 @@ def model_state(model, ctx, mesh=None) -> dict:
     return {f"model.{n}": _global(p.data, p, mesh, ctx.tp_size) for n, p in model.named_parameters()}
 
 
-def _init_adam_state(opt: torch.optim.Optimizer) -> None:
-    """Create AdamW's (lazily created) state, so that DCP can load into it in place."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not opt.state[p]:
-                on_device = group.get("fused") or group.get("capturable")
-                opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-
-
 def _full_state(model, opt, ctx) -> dict:
+    """The state dict DCP saves or loads into: the model, AdamW's moments and step (`opt.full_state()`: whole
+    per-parameter tensors whatever parallel.zero), the RNG streams."""
     mesh = _mesh(ctx)
-    _init_adam_state(opt)
     sd = model_state(model, ctx, mesh)
+    moments = opt.full_state()
     for n, p in model.named_parameters():
-        st = opt.state[p]
+        st = moments[n]
         sd[f"optim.{n}.exp_avg"] = _global(st["exp_avg"], p, mesh, ctx.tp_size)
         sd[f"optim.{n}.exp_avg_sq"] = _global(st["exp_avg_sq"], p, mesh, ctx.tp_size)
         sd[f"optim.{n}.step"] = st["step"]
@@ -137,6 +131,20 @@ def check_shapes(saved: dict, model, ctx, path: Path) -> None:
         if got != want:
             raise CheckpointError(f"checkpoint {path}: parameter {n} has shape {got} there but {want} in this "
                                   f"model: load a checkpoint of the same model shape (model.* settings)")
+
+
+def load_state(path: Path, model, opt, ctx, process_group=None) -> None:
+    """Load model, AdamW state and RNG streams from checkpoint `path` in place: any DP x TP layout, SP and
+    parallel.zero on or off. `process_group`: the ranks of `ctx` when they are not the whole job (tests)."""
+    saved = verify(path)
+    check_shapes(saved, model, ctx, path)
+    sd = {k: v for k, v in _full_state(model, opt, ctx).items() if k in saved or not k.startswith("rng.")}
+    dcp.load(sd, checkpoint_id=str(path), process_group=process_group)
+    opt.load_full_state({n: {"exp_avg": sd[f"optim.{n}.exp_avg"].to_local(), "step": sd[f"optim.{n}.step"],
+                             "exp_avg_sq": sd[f"optim.{n}.exp_avg_sq"].to_local()}
+                         for n, _ in model.named_parameters()})
+    loaded = {k.split(".")[1]: v for k, v in sd.items() if k.startswith("rng.")}
+    model.rng.set_states({**model.rng.get_states(), **loaded})  # a stream not in it keeps its seed
 
 
 class Checkpointer:
@@ -174,12 +182,7 @@ class Checkpointer:
         if is_hf_model_dir(path):
             load_hf_weights(model, path)
             return {"step": 0, "consumed_samples": 0}
-        saved = verify(path)
-        check_shapes(saved, model, self.ctx, path)
-        sd = {k: v for k, v in _full_state(model, opt, self.ctx).items() if k in saved or not k.startswith("rng.")}
-        dcp.load(sd, checkpoint_id=str(path))
-        loaded = {k.split(".")[1]: v for k, v in sd.items() if k.startswith("rng.")}
-        model.rng.set_states({**model.rng.get_states(), **loaded})  # a stream not in it keeps its seed
+        load_state(path, model, opt, self.ctx)
         meta = read_meta(path)
         return {"step": meta["step"], "consumed_samples": meta["consumed_samples"]}
 

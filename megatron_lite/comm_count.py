@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -26,6 +26,7 @@ class Collective:
     group_size: int
     numel: int
     bytes: int
+    group: object = field(default=None, compare=False)  # the process group it ran on (None: the default one)
 
 
 class CollectiveCounter:
@@ -46,7 +47,7 @@ class CollectiveCounter:
                 size = dist.get_world_size(group)
                 if size > 1:
                     self.calls.append(Collective(_CANONICAL.get(name, name), size, t.numel(),
-                                                 t.numel() * t.element_size()))
+                                                 t.numel() * t.element_size(), group))
                 return fn(*args, **kwargs)
             return counted
 

@@ -58,6 +58,7 @@ class ParallelConfig:
     tp: int = 2  # tensor-parallel size; data-parallel size = world size / tp
     sp: bool = True  # sequence parallelism (shards LayerNorm/dropout activations over the TP group)
     tp_comm_overlap: bool = True  # overlap column-parallel layers' input-grad collective with their dW matmul
+    zero: int = 0  # 0: AdamW state replicated over DP (DDP); 1: distributed optimizer, AdamW state split over DP
 
 
 @dataclass
@@ -199,6 +200,8 @@ def validate(cfg: Config, world_size: int) -> None:
     t, o = cfg.train, cfg.optim
     c = cfg.checkpoint
     _need(c.load is None or Path(c.load).exists(), f"checkpoint.load={c.load} does not exist: fix the path")
+    _need(cfg.parallel.zero in (0, 1), f"parallel.zero={cfg.parallel.zero} must be 0 (AdamW state replicated over "
+          f"DP) or 1 (distributed optimizer: each DP rank keeps 1/DP of the AdamW state)")
     try:
         check_world_size(world_size, cfg.parallel.tp)
         model = gpt_config(cfg)

@@ -35,14 +35,16 @@ def flops_per_token(c, n_params: int, seq_len: int) -> float:
 
 
 def memory_estimate(model, cfg, ctx) -> dict[str, float]:
-    """Bytes per rank: fp32 weights, grads and AdamW moments (16 B/param), and activations from
-    Korthikanti et al. 2022, Table 2 (16-bit; doubled for fp32), with the vocab-sharded logits."""
+    """Bytes per rank: fp32 weights and grads (8 B/param) and AdamW's two moments (8 B/param, or 8/DP with
+    parallel.zero=1), and activations from Korthikanti et al. 2022, Table 2 (16-bit; doubled for fp32), with
+    the vocab-sharded logits."""
     c, T = model.config, ctx.tp_size
     s, b, h, a, L = cfg.model.seq_len, cfg.train.micro_batch_size, c.hidden_size, c.num_heads, c.num_layers
     _, local = model.num_parameters()
     per_layer = s * b * h * ((34 + 5 * a * s / h) / T if c.sequence_parallel else 10 + 24 / T + 5 * a * s / (h * T))
     act_bytes = L * per_layer * (1 if ctx.device.type == "cuda" else 2) + 2 * 4 * s * b * c.padded_vocab_size / T
-    return {"states_gb": 16 * local / 2**30, "activations_gb": act_bytes / 2**30}
+    moments = 8 * local / (ctx.dp_size if cfg.parallel.zero == 1 else 1)
+    return {"states_gb": (8 * local + moments) / 2**30, "moments_bytes": moments, "activations_gb": act_bytes / 2**30}
 
 
 def memory_gb(device: torch.device) -> float:
@@ -76,8 +78,9 @@ class MetricsLogger:
                 f.write(secrets.token_hex(4))
         return open(path).read().strip() if self.active else ""
 
-    def start(self, model, resumed_step: int) -> None:
-        """Print the model's size and memory estimate, trim metrics.jsonl to `resumed_step`, open wandb."""
+    def start(self, model, resumed_step: int, optimizer_state_bytes: int | None = None) -> None:
+        """Print the model's size and memory estimate (and the optimizer state's measured bytes), trim
+        metrics.jsonl to `resumed_step`, open wandb."""
         cfg, ctx = self.cfg, self.ctx
         full, local = model.num_parameters()
         self.flops_per_step = flops_per_token(model.config, full, cfg.model.seq_len) * cfg.train.global_batch_size * cfg.model.seq_len
@@ -85,9 +88,17 @@ class MetricsLogger:
         if not self.active:
             return
         mem = memory_estimate(model, cfg, ctx)
+        dp = ctx.dp_size if cfg.parallel.zero == 1 else 1  # the optimizer state is split over DP
+        per_param = "16 B/param" if dp == 1 else f"8 + 8/{dp} B/param"
         self.info(f"model: {full / 1e6:.2f}M parameters ({local / 1e6:.2f}M on this rank); estimated memory per "
-                  f"rank: {mem['states_gb']:.2f} GiB weights+grads+AdamW, {mem['activations_gb']:.2f} GiB "
-                  f"activations per micro-batch")
+                  f"rank: {mem['states_gb']:.2f} GiB weights+grads+AdamW ({per_param}), {mem['activations_gb']:.2f} "
+                  f"GiB activations per micro-batch")
+        if optimizer_state_bytes is not None:
+            how = ("parallel.zero=1: AdamW moments split over DP, buckets padded to a multiple of DP" if dp > 1 else
+                   f"parallel.zero={cfg.parallel.zero}: AdamW moments replicated over DP")
+            self.info(f"optimizer state per rank: {optimizer_state_bytes / 2**20:.2f} MiB measured "
+                      f"({optimizer_state_bytes:,} bytes), theory 8 B x {local:,} local parameters"
+                      f"{f' / DP {dp}' if dp > 1 else ''} = {int(mem['moments_bytes']):,} bytes ({how})")
         self._drop_metrics_after(resumed_step)
         if cfg.logging.wandb.mode != "disabled":
             import wandb

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
-                              gather_tp_shards, register_replicated_grad_sum, tp_partition_dim,
-                              vocab_parallel_cross_entropy)
+                              gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
 
 
@@ -173,8 +172,7 @@ class GPT(nn.Module):
         self.to(ctx.device)
         self.rng = RNGTracker(c.seed, ctx.tp_rank, ctx.device)
         # Under SP the replicated parameters (norms, row-parallel biases, position embeddings) see only this
-        # rank's tokens: their gradients are summed over TP, for every one of them, here.
-        self._replicated_grad_sum = register_replicated_grad_sum(self, group) if sp else []
+        # rank's tokens: optim.finalize_model_grads sums their gradients over TP once per optimizer step.
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         c, ctx = self.config, self.ctx

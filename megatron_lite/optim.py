@@ -1,25 +1,46 @@
-"""AdamW with Megatron's parameter groups, the LR schedule, and gradient clipping across TP."""
+"""AdamW with Megatron's parameter groups, the LR schedule, gradient finalization, norm and clipping.
+
+`build_optimizer` returns one of two optimizers with the same interface, so the training loop is the same:
+
+- `parallel.zero=0`, `Optimizer`: torch's AdamW over the whole local model (every DP rank keeps all of its
+  state); DDP averages the gradients over DP during the last micro-batch's backward.
+- `parallel.zero=1`, `distributed_optimizer.DistributedOptimizer`: each DP rank keeps and updates 1/DP of it.
+
+The interface (Megatron-Core's `MegatronOptimizer`): `module` (what the loop calls forward on), `no_sync()`
+(around every micro-batch but the last), `prepare_grads()` (finalize the gradients, return the global norm),
+`step()` (prepare_grads if the loop has not, clip, update; returns the norm), `zero_grad()`, `param_groups`
+(the loop sets each group's "lr"), `state_bytes()`, and `full_state()` / `load_full_state()` for checkpoints.
+"""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .tensor_parallel import tp_partition_dim
+from .tensor_parallel import all_reduce_coalesced, replicated_params, tp_partition_dim
 
 _NO_DECAY_NAMES = ("wte.weight", "wpe.weight")  # embeddings
 
 
-def build_optimizer(model: nn.Module, o, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on LayerNorms, biases and embeddings (GPT-2 / Megatron practice)."""
+def param_groups(model: nn.Module, o) -> list[dict]:
+    """No weight decay on LayerNorms, biases and embeddings (GPT-2 / Megatron practice)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and name not in _NO_DECAY_NAMES else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=bool(o.fused and device.type == "cuda"))
+    return [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, o, ctx, zero: int = 0, **kwargs):
+    """AdamW for `model` on the grid `ctx`: replicated over DP (zero=0) or distributed over DP (zero=1).
+    `kwargs` go to DistributedOptimizer (bucket size, overlap switches)."""
+    if zero == 1:
+        from .distributed_optimizer import DistributedOptimizer
+        return DistributedOptimizer(model, o, ctx, **kwargs)
+    return Optimizer(model, o, ctx)
 
 
 def lr_at(step: int, o, total_steps: int) -> float:
@@ -34,26 +55,105 @@ def lr_at(step: int, o, total_steps: int) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def grad_norm(model: nn.Module, tp_group: dist.ProcessGroup) -> torch.Tensor:
-    """The global L2 norm of the full model's gradient.
+def finalize_model_grads(model: nn.Module, replicated_grads: list[torch.Tensor] | None = None) -> None:
+    """The TP part of Megatron-Core's `finalize_model_grads`, run once per optimizer step after the last
+    backward (the optimizers call it from `prepare_grads`, after their DP reduction).
 
-    A TP-sharded parameter contributes each of its shards once (summed over the TP group); a replicated
-    one, whose gradient is the same on every TP rank, once. DP replicas hold equal gradients after DDP."""
-    sharded, replicated = [], []
-    for p in model.parameters():
-        if p.grad is not None:
-            (sharded if tp_partition_dim(p) is not None else replicated).append(p.grad)
+    Under sequence parallelism each TP rank's gradient of a replicated parameter (LayerNorm weights and
+    biases, row-parallel biases, position embeddings) covers only its own tokens: they are summed over TP,
+    all of them in one all-reduce. Summing after gradient accumulation and after the DP average gives the
+    same sum as summing each micro-batch's. `replicated_grads`: the gradients to sum (default: every
+    replicated parameter's .grad; the distributed optimizer passes the parts of them this rank owns)."""
+    if not model.config.sequence_parallel or model.ctx.tp_size == 1:
+        return
+    if replicated_grads is None:
+        replicated_grads = [p.grad for p in replicated_params(model) if p.grad is not None]
+    all_reduce_coalesced(replicated_grads, model.ctx.tp_group)
 
-    def sq(grads):
-        if not grads:
-            return torch.zeros((), device=next(model.parameters()).device)
-        return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
-    sharded_sq = sq(sharded)
+
+def grad_norm(grads: list[tuple[torch.Tensor, bool]], tp_group: dist.ProcessGroup,
+              dp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The global L2 norm of the full model's gradient, from (gradient, is TP-sharded) pairs.
+
+    A TP-sharded gradient contributes each of its shards once (summed over the TP group); a replicated one,
+    the same on every TP rank, once. `dp_group`: the gradients are DP shards (the distributed optimizer's),
+    summed over DP too; without it they are equal on every DP rank (DDP's average)."""
+    device = grads[0][0].device if grads else torch.device("cpu")
+
+    def sq(gs):
+        if not gs:
+            return torch.zeros((), device=device)
+        return torch.stack(torch._foreach_norm(gs)).float().pow(2).sum()
+    sharded_sq = sq([g for g, sharded in grads if sharded])
     if dist.get_world_size(tp_group) > 1:
         dist.all_reduce(sharded_sq, group=tp_group)
-    return (sharded_sq + sq(replicated)).sqrt()
+    total = sharded_sq + sq([g for g, sharded in grads if not sharded])
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(total, group=dp_group)
+    return total.sqrt()
 
 
-def clip_grads(model: nn.Module, max_norm: float, norm: torch.Tensor) -> None:
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+def clip_coefficient(max_norm: float, norm: torch.Tensor) -> torch.Tensor:
+    """torch.nn.utils.clip_grads_with_norm_'s scale: max_norm / (norm + 1e-6), at most 1."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+def init_adam_state(opt: torch.optim.Optimizer) -> None:
+    """Create AdamW's (lazily created) state now, as its first step would: its bytes are known from the start,
+    and DCP can load a checkpoint into it in place."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not opt.state[p]:
+                on_device = group.get("fused") or group.get("capturable")
+                opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+class Optimizer:
+    """parallel.zero=0: torch's AdamW over the whole local model, its state replicated over DP; DDP averages
+    the gradients over the DP group during the last micro-batch's backward (in buckets, overlapped)."""
+
+    def __init__(self, model: nn.Module, o, ctx):
+        self.model, self.ctx, self.grad_clip = model, ctx, o.grad_clip
+        self.module = DDP(model, process_group=ctx.dp_group) if ctx.dp_size > 1 else model
+        self.adamw = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                       fused=bool(o.fused and ctx.device.type == "cuda"))
+        init_adam_state(self.adamw)
+        self.param_groups = self.adamw.param_groups
+        self._norm = None  # the norm of the finalized gradients of this step
+
+    def no_sync(self):
+        return self.module.no_sync() if isinstance(self.module, DDP) else contextlib.nullcontext()
+
+    def prepare_grads(self) -> torch.Tensor:
+        """Finalize the gradients (DDP has averaged them over DP by the end of backward; sum the SP-replicated
+        ones over TP) and return their global norm. Once per step; `step()` calls it if the loop did not."""
+        if self._norm is None:
+            finalize_model_grads(self.model)
+            self._norm = grad_norm([(p.grad, tp_partition_dim(p) is not None) for p in self.model.parameters()
+                                    if p.grad is not None], self.ctx.tp_group)
+        return self._norm
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        norm = self.prepare_grads()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, norm)
+        self.adamw.step()
+        self._norm = None
+        return norm
+
+    def zero_grad(self) -> None:
+        self.adamw.zero_grad(set_to_none=True)
+        self._norm = None
+
+    def state_bytes(self) -> int:
+        """Bytes of AdamW's moments on this rank."""
+        return sum(s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes for s in self.adamw.state.values())
+
+    def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """name -> {exp_avg, exp_avg_sq, step}: the live state tensors (a checkpoint loads into them in place)."""
+        return {n: self.adamw.state[p] for n, p in self.model.named_parameters()}
+
+    def load_full_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Nothing to do: `full_state()` handed out the live tensors, which DCP has loaded in place."""

@@ -90,11 +90,14 @@ def _restart_safe_store(timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"megatron_lite/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def build_parallel_context(tp_size: int, device: torch.device | None = None) -> ParallelContext:
+def build_parallel_context(tp_size: int, device: torch.device | None = None,
+                           world_size: int | None = None) -> ParallelContext | None:
     """Create the TP and DP groups of a DP x TP grid over the already initialized world.
 
-    Every rank must call this with the same tp_size (new_group is collective over the world)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    Every rank must call this with the same arguments (new_group is collective over the world).
+    `world_size`: build the grid over ranks [0, world_size) only, so that one job can hold several layouts
+    (tests and benchmarks); the ranks outside it get None."""
+    world, rank = world_size or dist.get_world_size(), dist.get_rank()
     check_world_size(world, tp_size)
     grid = torch.arange(world).view(world // tp_size, tp_size)
     tp_group = dp_group = None
@@ -106,6 +109,8 @@ def build_parallel_context(tp_size: int, device: torch.device | None = None) -> 
         group = dist.new_group(col)
         if rank in col:
             dp_group = group
+    if rank >= world:
+        return None
     dp_rank, tp_rank = divmod(rank, tp_size)
     return ParallelContext(
         tp_group=tp_group, dp_group=dp_group, tp_rank=tp_rank, tp_size=tp_size, dp_rank=dp_rank,

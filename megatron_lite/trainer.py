@@ -1,7 +1,9 @@
 """The training loop over a DP x TP grid: data, model, DDP, AdamW, logs, evaluation, checkpoints, sample.
 
 One optimizer step consumes `train.global_batch_size` sequences: each DP rank runs `grad_accum` micro-batches
-of `train.micro_batch_size`; DDP averages the gradients over the DP group once, on the last micro-batch.
+of `train.micro_batch_size`; the gradients are reduced over the DP group once, during the last micro-batch's
+backward (DDP's all-reduce, or the distributed optimizer's reduce-scatter under parallel.zero=1), and
+finalized (optim.finalize_model_grads) once per optimizer step.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import Checkpointer
 from .config import Config, gpt_config, grad_accum_steps
@@ -23,7 +24,7 @@ from .generate import generate
 from .hf import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
 from .model import GPT
-from .optim import build_optimizer, clip_grads, grad_norm, lr_at
+from .optim import build_optimizer, lr_at
 from .parallel import ParallelContext, init_parallel
 
 
@@ -52,11 +53,10 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
     corpus = prepare_corpus(cfg.data, is_first_rank=int(os.environ.get("LOCAL_RANK", 0)) == 0,
                             barrier=dist.barrier, log=log.info)
     model = GPT(gpt_config(cfg), ctx)
-    ddp = DDP(model, process_group=ctx.dp_group) if ctx.dp_size > 1 else None
-    forward = ddp or model
+    opt = build_optimizer(model, cfg.optim, ctx, zero=cfg.parallel.zero)
+    forward = opt.module  # DDP(model) under zero=0 with DP > 1, else the model
     if cfg.train.compile:
         forward = torch.compile(forward)
-    opt = build_optimizer(model, cfg.optim, ctx.device)
     ckpt = Checkpointer(cfg, ctx, corpus, wandb_id=log.wandb_id(), log=log.info)
     state = TrainState()
     source = ckpt.resume_source()
@@ -67,7 +67,7 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
                      f"its weights; the optimizer and the data start from scratch")
         else:
             log.info(f"resumed from {source} at step {state.step} ({state.consumed_samples} samples consumed)")
-    log.start(model, state.step)
+    log.start(model, state.step, optimizer_state_bytes=opt.state_bytes())
     if ctx.is_first_rank:
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
 
@@ -86,21 +86,20 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
         for micro in range(accum):
             x, y = train_data.batch(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
                                                       ctx.dp_rank, ctx.dp_size))
-            sync = ddp is None or micro == accum - 1  # reduce over DP once, on the last micro-batch
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+            sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
+            with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
                 loss = forward(x.to(ctx.device), y.to(ctx.device))
                 (loss / accum).backward()
             loss_sum += loss.detach()
-        norm = grad_norm(model, ctx.tp_group)
+        norm = opt.prepare_grads()  # finalize: DP reduction done, SP-replicated grads summed over TP; global norm
         loss_avg, norm_value = _dp_mean(loss_sum / accum, ctx), norm.item()
         if not (math.isfinite(loss_avg) and math.isfinite(norm_value)):  # before the update spoils the weights
             what = f"loss is {loss_avg}" if not math.isfinite(loss_avg) else f"grad norm is {norm_value}"
             log.info(f"error: {what} at step {state.step + 1}")
             raise DivergenceError(f"{what} at step {state.step + 1}: the run diverged; lower optim.lr (now "
                                   f"{cfg.optim.lr}) or raise optim.warmup_steps, and resume from the last checkpoint")
-        clip_grads(model, cfg.optim.grad_clip, norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.step()  # clip to optim.grad_clip, AdamW (zero=1: on this rank's shard, then all-gather the weights)
+        opt.zero_grad()
         state.step += 1
         state.consumed_samples += cfg.train.global_batch_size
         dt = time.perf_counter() - t0

@@ -6,6 +6,7 @@ import torch
 
 from distributed import run_distributed
 from megatron_lite.model import GPT, GPTConfig
+from megatron_lite.optim import finalize_model_grads
 from megatron_lite.parallel import build_parallel_context
 
 from benchmarks import run, theory
@@ -32,6 +33,7 @@ def _peer_worker():
         dt = build_dtensor_gpt(ml.config, ctx.tp_group, ml.full_state(), sp)
         loss_ml = ml(tokens, targets)
         loss_ml.backward()
+        finalize_model_grads(ml)
         loss_dt = dtensor_loss_and_backward(dt, tokens, targets)
         assert abs(loss_ml.item() - loss_dt.item()) / loss_ml.item() < 1e-5, (sp, loss_ml.item(), loss_dt.item())
         ml_grads = ml.full_state(grads=True)
@@ -73,11 +75,20 @@ def test_collectives_equal_theory_and_activation_memory_equals_adapted_table2():
 
 def test_cli_writes_json_with_the_machine_and_skips_mfu_without_gpu(tmp_path):
     out = tmp_path / "bench.json"
-    run.main(["--quick", "--sections", "5", "--device", "cpu", "--out", str(out)])
+    run.main(["--quick", "--sections", "5,7", "--device", "cpu", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["mfu"] == {"skipped": "no GPU"}
     assert res["machine"]["cores"] >= 1 and res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
     assert any("skipped: no GPU" in line for line in res["report"])
+    # section 7: the distributed optimizer's state and collectives equal theory (quick shapes: no padding)
+    zero = res["zero"]
+    assert [(r["dp"], r["tp"]) for r in zero["static"]["state"]] == [(1, 1), (2, 1), (4, 1), (2, 2)]
+    for r in zero["static"]["state"]:
+        assert r["0"]["bytes"] == r["0"]["theory"] and r["1"]["bytes"] == r["1"]["theory"], r
+    assert [r["equal"] for r in zero["static"]["comm"]] == [True, True]
+    finalize = zero["timing"]["finalize"]  # 2 micro-batches per step: the hooks fired twice per parameter
+    assert finalize["replicated_all_reduces"] == {"finalize_model_grads (coalesced)": 1,
+                                                  "per-parameter hooks (before)": 2 * finalize["replicated_params"]}
 
 
 def test_theory_matches_the_paper_formulas():

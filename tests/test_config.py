@@ -126,7 +126,8 @@ def test_cfg_job_prints_every_key(cli):
             assert isinstance(node, dict) and part in node, f"{key} missing from --cfg job:\n{out}"
             node = node[part]
     assert "TORCHELASTIC_RUN_ID" in cfg["run_dir"]
-    assert (cfg["parallel"], cfg["train"]["steps"], cfg["model"]["name"]) == ({"tp": 2, "sp": True, "tp_comm_overlap": True}, 500, "tiny")
+    assert cfg["parallel"] == {"tp": 2, "sp": True, "tp_comm_overlap": True, "zero": 0}
+    assert (cfg["train"]["steps"], cfg["model"]["name"]) == (500, "tiny")
 
 
 def _compose(*overrides: str) -> Config:
@@ -220,6 +221,7 @@ def test_validate_cross_field_rules():
     _fails(_cfg(optim__beta2=1.0), 2, "optim.beta2=1.0")
     _fails(_cfg(train__dtype="fp16"), 2, "train.dtype='fp16'", "bfloat16")
     _fails(_cfg(model__recompute="some"), 2, "model.recompute='some'")
+    _fails(_cfg(parallel__zero=2), 4, "parallel.zero=2", "must be 0", "or 1")
     _fails(_cfg(checkpoint__resume="yes"), 2, "checkpoint.resume='yes'")
     _fails(_cfg(checkpoint__load="/nonexistent/ckpt"), 2, "checkpoint.load=/nonexistent/ckpt")
     _fails(_cfg(checkpoint__keep=0), 2, "checkpoint.keep=0")

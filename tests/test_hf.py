@@ -27,6 +27,7 @@ from megatron_lite.checkpoint import load_model, model_state
 from megatron_lite.generate import generate
 from megatron_lite.hf import hf_state_dict, to_hf
 from megatron_lite.model import GPT
+from megatron_lite.optim import finalize_model_grads
 from megatron_lite.parallel import build_parallel_context
 from megatron_lite.tensor_parallel.mappings import all_gather_last
 
@@ -111,6 +112,7 @@ def _parity_worker(root: str):
                 assert diff < 1e-4, f"{tag}: logits differ from transformers' by {diff:.2e}"
                 loss = model(*_batch())
                 loss.backward()
+                finalize_model_grads(model)  # under SP: the replicated gradients' sum over TP
                 assert abs(loss.item() - ref_loss) / ref_loss < 1e-6, f"{tag}: loss {loss.item()} vs {ref_loss}"
                 grads = to_hf(model.config, model.full_state(grads=True))
                 assert grads.keys() == ref_grads.keys(), f"{tag}: {grads.keys() ^ ref_grads.keys()}"

@@ -13,8 +13,8 @@ from torch import nn
 from distributed import run_distributed
 from megatron_lite.parallel import build_parallel_context
 from megatron_lite.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                           copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp,
-                                           reduce_scatter_to_sp, register_replicated_grad_sum, scatter_to_sp,
+                                           all_reduce_coalesced, copy_to_tp, gather_from_sp, gather_from_tp,
+                                           reduce_from_tp, reduce_scatter_to_sp, replicated_params, scatter_to_sp,
                                            scatter_to_tp, vocab_parallel_cross_entropy)
 
 S, B, H, O = 8, 3, 16, 24
@@ -94,8 +94,6 @@ def _row(ctx, sp, input_is_parallel):
     (dense(x) * G).sum().backward()
 
     layer = RowParallelLinear(O, H, tp_group=g, sequence_parallel=sp, input_is_parallel=input_is_parallel)
-    if sp:  # the bias is replicated, and under SP each rank feeds it only S/T tokens
-        register_replicated_grad_sum(layer, g)
     with torch.no_grad():
         layer.weight.copy_(block(dense.weight, r, T, 1))
         layer.bias.copy_(dense.bias)
@@ -103,6 +101,8 @@ def _row(ctx, sp, input_is_parallel):
     y = layer(x_in)
     check("row out", y, block(dense(x), r, T, 0) if sp else dense(x))
     (y * (block(G, r, T, 0) if sp else G)).sum().backward()
+    if sp:  # the bias is replicated, and under SP each rank feeds it only S/T tokens (optim.finalize_model_grads)
+        all_reduce_coalesced([p.grad for p in replicated_params(layer)], g)
     check("row dx", x_in.grad, block(x.grad, r, T, 2) if input_is_parallel else x.grad)
     check("row dW", layer.weight.grad, block(dense.weight.grad, r, T, 1))
     check("row db", layer.bias.grad, dense.bias.grad)

@@ -7,7 +7,7 @@ Sharding matches torch's dense layers exactly, so a dense weight splits into the
 rank r of a ColumnParallelLinear holds rows [r*O/T, (r+1)*O/T) of the `nn.Linear` weight (and bias); a
 RowParallelLinear holds columns [r*I/T, (r+1)*I/T); a VocabParallelEmbedding holds rows [r*V/T, (r+1)*V/T).
 Each sharded parameter records its split dimension (`tp_partition_dim`); every other parameter of a
-model is replicated over TP, which is what `register_replicated_grad_sum` relies on.
+model is replicated over TP, which is what `replicated_params` relies on.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .mappings import (all_gather_dim0, all_reduce, gather_from_tp, reduce_from_tp, reduce_scatter_dim0,
+from .mappings import (all_gather_dim0, gather_from_tp, reduce_from_tp, reduce_scatter_dim0,
                        reduce_scatter_to_sp, scatter_to_tp)
 
 InitMethod = Callable[[torch.Tensor], None]
@@ -225,20 +225,23 @@ class VocabParallelEmbedding(nn.Module):
                 f"sequence_parallel={self.sequence_parallel}")
 
 
-def register_replicated_grad_sum(module: nn.Module, tp_group: dist.ProcessGroup) -> list:
-    """Sum over TP the gradient of every parameter of `module` that is not TP-sharded.
+def replicated_params(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `module` that are replicated over TP: every one not TP-sharded.
 
-    Under sequence parallelism, LayerNorms, row-parallel biases and position embeddings are replicated
-    over TP but each rank feeds them other tokens, so each rank's gradient is a partial sum (Korthikanti
-    et al. 2022, section 4.2.2). The parameters are found by exclusion, so one added later cannot be
-    forgotten. The hook runs on each backward's incoming gradient, before accumulation, so gradient
-    accumulation and DDP (which reduces after accumulation) see the summed gradient. Returns the handles."""
-    if dist.get_world_size(tp_group) == 1:
-        return []
+    Under sequence parallelism, LayerNorms, row-parallel biases and position embeddings are replicated over
+    TP but each rank feeds them other tokens, so each rank's gradient is a partial sum that must be summed
+    over TP (Korthikanti et al. 2022, section 4.2.2; `optim.finalize_model_grads` does it once per optimizer
+    step). They are found by exclusion, so a parameter added later cannot be forgotten."""
+    return [p for p in module.parameters() if p.requires_grad and tp_partition_dim(p) is None]
 
-    def tp_sum(grad):
-        return all_reduce(grad.clone(memory_format=torch.contiguous_format), tp_group)
 
-    return [p.register_hook(tp_sum) for p in module.parameters()
-            if p.requires_grad and tp_partition_dim(p) is None]
-
+def all_reduce_coalesced(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+    """Sum `tensors` over `group` in place with one all-reduce: flatten, all-reduce, copy back."""
+    if not tensors or dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
