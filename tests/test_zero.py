@@ -3,7 +3,8 @@
 One spawned world of 8 gloo ranks (the module fixture) builds every layout in turn on its first ranks
 (`build_parallel_context(..., world_size=n)`), runs the checks and hands rank 0's findings to the tests:
 
-- zero=1 and zero=0 train like one process (losses, grad norms, weights) at DP2 x TP2 with SP on and off and at
+- zero=1 and zero=0 train like one process (losses, grad norms, weights) at DP2 x TP2 with SP on and off (and a
+  Llama with SwiGLU's 3-D weight, SP on) and at
   DP4 x TP1 with an odd-sized model, with gradient accumulation, clipping active and several buckets;
 - every element of every parameter is owned by exactly one DP rank, and the AdamW state per rank is 1/DP;
 - AdamW on the shard gives torch.optim.AdamW's numbers bitwise; a non-finite gradient anywhere reaches every rank;
@@ -44,8 +45,11 @@ GLOBAL_BATCH, ACCUM, STEPS = 8, 2, 3
 # turns into updates of +-lr that differ between any two summation orders
 OPTIM = types.SimpleNamespace(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-6, grad_clip=0.3, fused=True)
 BUCKET = 4096  # bytes: several buckets even for these small models
+# the Llama family: RMSNorm, RoPE, GQA, untied, and SwiGLU's 3-D [2, F, H] weight split over TP along dim 1
+LLAMA = dict(CFG, num_kv_heads=2, ffn_hidden_size=48, norm="rmsnorm", position_embedding="rope", mlp="swiglu",
+             attention_bias=False, mlp_bias=False, tie_embeddings=False)
 LAYOUTS = {"DP2xTP2 SP": (2, 2, True, CFG), "DP2xTP2 no SP": (2, 2, False, CFG),
-           "DP4xTP1 odd sizes": (4, 1, False, ODD)}
+           "DP4xTP1 odd sizes": (4, 1, False, ODD), "DP2xTP2 SP llama": (2, 2, True, LLAMA)}
 
 
 def global_batch(step: int, cfg: dict) -> torch.Tensor:
@@ -106,17 +110,17 @@ def _equivalence(out: dict) -> None:
     """Rank 0 trains each model as one process; every layout trains it with zero=0 and zero=1."""
     one = build_parallel_context(1, world_size=1)
     refs = {}
-    for cfg in (CFG, ODD):
+    for cfg in (CFG, ODD, LLAMA):
         if one is not None:
             model, opt = build(one, cfg, False, 0)
             losses, norms = train(model, opt, one, STEPS, cfg)
-            refs[cfg["seed"]] = (losses, norms, model.full_state())
+            refs[json.dumps(cfg, sort_keys=True)] = (losses, norms, model.full_state())
     refs = broadcast(refs)
     for name, (dp, tp, sp, cfg) in LAYOUTS.items():
         ctx = build_parallel_context(tp, world_size=dp * tp)
         if ctx is None:
             continue
-        ref_losses, ref_norms, ref_weights = refs[cfg["seed"]]
+        ref_losses, ref_norms, ref_weights = refs[json.dumps(cfg, sort_keys=True)]
         res = {"ref_losses": ref_losses, "ref_norms": ref_norms}
         for zero in (0, 1):
             model, opt = build(ctx, cfg, sp, zero)
