@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 
 
+COLLECTIVE_TIMEOUT_S = 600.0  # every process group's timeout: a collective waits this long before it fails
+
+
 class ParallelConfigError(ValueError):
     """A layout that cannot be built; raised before any collective runs."""
 
@@ -59,7 +62,7 @@ def default_device(kind: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device | None = None, timeout_s: float = 600.0) -> None:
+def init_distributed(device: torch.device | None = None, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
     """Join the job torchrun (env://) describes; a plain `python` run becomes a world of one."""
     if dist.is_initialized():
         return
