@@ -55,6 +55,24 @@ class _Save:
     error: BaseException | None = None  # this rank's: DCP's (the same on every rank) or rank 0's rename
 
 
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer, raising the OS error itself. PyTorch's zip writer reports a failed write (disk full,
+    file too large) as "unexpected pos N vs M" and keeps the OSError only as its __context__, which does not
+    survive DCP's pickling of the error to the other ranks."""
+
+    def write_data(self, plan, planner):
+        try:
+            return super().write_data(plan, planner)
+        except Exception as e:
+            cause = e
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            written = sorted(Path(self.path).glob(f"{plan.storage_data.prefix}*"), key=lambda p: p.stat().st_mtime)
+            raise OSError(cause.errno, cause.strerror, cause.filename or (written and str(written[-1])) or None) from e
+
+
 def _os_error(e: BaseException) -> str:
     """The failing rank and OS error inside a DCP CheckpointException (or the error itself)."""
     if isinstance(e, CheckpointException) and e.failures:
@@ -240,10 +258,10 @@ class Checkpointer:
 
         try:
             if self.cfg.checkpoint.async_save:
-                future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self.group)
+                future = dcp.async_save(sd, storage_writer=_Writer(str(tmp)), process_group=self.group)
                 future.add_done_callback(lambda f: finish(f.exception()))
             else:
-                dcp.save(sd, checkpoint_id=str(tmp))
+                dcp.save(sd, storage_writer=_Writer(str(tmp)))
                 finish(None)
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             finish(e)
@@ -285,15 +303,15 @@ class Checkpointer:
                 f"; removed the partial {job.tmp.name}"
         what = _os_error(job.error) if job.error else "failed on another rank (see its log)"
         previous = self.newest()
-        msg = (f"checkpoint of step {job.step} not saved: {what}; the previous checkpoint "
+        msg = (f"checkpoint of step {job.step} not saved in {job.tmp}: {what}; the previous checkpoint "
                + (f"{previous} is intact" if previous else "does not exist (none saved yet)") + cleanup)
         if self.cfg.checkpoint.on_error == "warn":
             self.log(f"warning: {msg}; training goes on (checkpoint.on_error=warn)")
             return
-        msg += (f"; the run stops (checkpoint.on_error=stop): fix the cause and rerun with run_dir={self.cfg.run_dir} "
-                f"to resume from the previous checkpoint, or set checkpoint.on_error=warn to train on without it")
-        self.log(f"error: {msg}")
-        raise CheckpointSaveError(msg)
+        self.log(f"error: checkpoint of step {job.step} not saved: {what}")  # train.py prints the whole line
+        raise CheckpointSaveError(
+            f"{msg}; the run stops (checkpoint.on_error=stop): fix the cause and rerun with run_dir={self.cfg.run_dir} "
+            f"to resume from the previous checkpoint, or set checkpoint.on_error=warn to train on without it")
 
     def wait(self) -> None:
         """Finish the save in flight and agree on its outcome (before the next save and before exiting)."""

@@ -261,8 +261,8 @@ class RunGuard:
             return f"{signal.Signals(signum).name} received" if signum else "a stop signal received by another rank"
         if late:
             tl = self.time_limit
-            return (f"train.max_minutes={self.t.max_minutes:g}: {(now - tl.start) / 60:.1f} min gone, and the next "
-                    f"step and save may take {max(tl.iterations) + tl.save_s:.0f} s")
+            return (f"train.max_minutes={self.t.max_minutes:g}: {now - tl.start:.0f} s gone, and the next step and "
+                    f"save may take {max(tl.iterations) + tl.save_s:.1f} s")
         return None
 
     def stopped(self, step: int, reason: str, newest) -> None:
