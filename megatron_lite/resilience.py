@@ -21,9 +21,9 @@ Three mechanisms, each a small class, and `RunGuard`, which the training loop ca
   recorded by the gloo and NCCL backends themselves, so DDP's and DCP's collectives are in it too); the files
   meet in the shared run_dir, never through a collective, which would hang.
 
-The ranks agree on stopping with one all-reduce of four integers per step on a gloo group of their own
-(`Agreement`), which also carries the outcome of checkpoint saves (see checkpoint.py): Megatron-LM's
-`DistributedSignalHandler` all-gathers a flag per step in the same way.
+The ranks agree on stopping with one all-reduce of four integers per step (`Agreement`), which also carries
+the outcome of checkpoint saves (see checkpoint.py): Megatron-LM's `DistributedSignalHandler` all-gathers a
+flag per step in the same way. Its cost, and the watchdog's, are measured in `make bench` (section 7).
 
 `MEGATRON_LITE_FAULT=stall:rank=R:step=S[:seconds=T]` (tests only, read in `_fault`) makes rank R sleep at the
 start of step S, to produce a hang on purpose.
@@ -51,17 +51,18 @@ FAULT_ENV = "MEGATRON_LITE_FAULT"
 
 
 class Agreement:
-    """Sums a few integers over all ranks on a gloo group of its own: a CPU collective that neither syncs a
-    GPU stream nor mixes with the training collectives. Called from the main thread only."""
+    """Sums a few integers over all ranks: one small all-reduce on the default group (NCCL on GPUs, whose
+    latency grows slowly with the world size; gloo on CPU), from the main thread, at a point where the loop
+    has already synchronized with the device (the loss is read every step)."""
 
-    def __init__(self, world_size: int):
-        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+    def __init__(self, world_size: int, device: torch.device):
+        self.world_size, self.device = world_size, device
 
     def sum(self, values: list[int]) -> list[int]:
-        if self.group is None:
+        if self.world_size == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(t, group=self.group)
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
         return t.tolist()
 
 
@@ -213,7 +214,7 @@ class RunGuard:
 
     def start(self, ctx, log) -> Agreement:
         self.ctx, self.log = ctx, log
-        self.agreement = Agreement(ctx.world_size)
+        self.agreement = Agreement(ctx.world_size, ctx.device)
         self.time_limit = TimeLimit(self.t.max_minutes, self.started)
         self.signals = ExitSignals(self.t.exit_signals, self.t.exit_grace_s, log.info) \
             if threading.current_thread() is threading.main_thread() else None
