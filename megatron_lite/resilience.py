@@ -207,8 +207,7 @@ class RunGuard:
     def __init__(self, cfg):
         self.cfg, self.t = cfg, cfg.train
         self.started = time.monotonic()
-        self.log = None
-        self.signals = None
+        self.log = self.signals = self.watchdog = None
         if self.t.hang_timeout_s:
             collective_trace_on()
 
@@ -216,9 +215,8 @@ class RunGuard:
         self.ctx, self.log = ctx, log
         self.agreement = Agreement(ctx.world_size, ctx.device)
         self.time_limit = TimeLimit(self.t.max_minutes, self.started)
-        self.signals = ExitSignals(self.t.exit_signals, self.t.exit_grace_s, log.info) \
-            if threading.current_thread() is threading.main_thread() else None
-        self.watchdog = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self.signals = ExitSignals(self.t.exit_signals, self.t.exit_grace_s, log.info)
         if self.t.hang_timeout_s:
             # a token of this launch (rank 0's clock), so that rank 0 never reads a previous launch's report
             self.launch = self.agreement.sum([time.time_ns() if ctx.is_first_rank else 0])[0]
@@ -243,7 +241,7 @@ class RunGuard:
         if self.watchdog is not None:
             self.watchdog.disarm()
 
-    def check(self, step: int, ckpt) -> str | None:
+    def check(self, ckpt) -> str | None:
         """At a step boundary, on every rank: the reason to stop now (the same on every rank), or None.
 
         One all-reduce of [stop signal, time limit, failed saves, saves still being written]; the last two

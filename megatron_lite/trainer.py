@@ -80,7 +80,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     autocast = _autocast(cfg, ctx)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
 
-    stop = guard.check(state.step, ckpt)  # a signal during setup stops before the first step
+    stop = guard.check(ckpt)  # a signal during setup stops before the first step
     while state.step < cfg.train.steps and not stop:
         guard.arm(f"step {state.step + 1}")
         t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
             guard.arm(f"checkpoint save of step {state.step}")
             ckpt.save(state.step, model, opt, asdict(state))
-        stop = guard.check(state.step, ckpt)
+        stop = guard.check(ckpt)
     guard.arm(f"checkpoint save of step {state.step}")
     if stop and state.step and not ckpt.covers(state.step):
         ckpt.save(state.step, model, opt, asdict(state))
