@@ -224,6 +224,8 @@ class Checkpointer:
         loaded = {k.split(".")[1]: v for k, v in sd.items() if k.startswith("rng.")}
         model.rng.set_states({**model.rng.get_states(), **loaded})  # a stream not in it keeps its seed
         meta = read_meta(path)
+        if path.parent == self.root:  # this run's own checkpoint: a stop right away needs no new save
+            self.saved_step = meta["step"]
         return {"step": meta["step"], "consumed_samples": meta["consumed_samples"]}
 
     def newest(self) -> Path | None:
