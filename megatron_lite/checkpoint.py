@@ -253,7 +253,7 @@ class Checkpointer:
             if error is None and self.ctx.is_first_rank:
                 try:
                     self._finalize(tmp, final, meta)
-                except OSError as e:
+                except Exception as e:  # noqa: BLE001 -- any failure to make it visible fails the save
                     error = e
             job.error = error
             job.done.set()

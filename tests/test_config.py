@@ -50,9 +50,6 @@ FAILING = {
     # torchrun with a fixed port and no --standalone / --rdzv-id: static rendezvous, whose job id is "none"
     "torchrun_static": (["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}", TRAIN],
                         {}, ["run_dir=runs/none", "--rdzv-id"]),
-    "on_error": ([TRAIN, "checkpoint.on_error=ignore"], {}, ["checkpoint.on_error='ignore'", "stop, warn"]),
-    "exit_signals": ([TRAIN, "train.exit_signals=[SIGKILL]"], {}, ["'SIGKILL'", "cannot be caught"]),
-    "hang_timeout": ([TRAIN, "train.hang_timeout_s=900"], {}, ["train.hang_timeout_s=900", "collective timeout"]),
 }
 HYDRA = {"unknown_key", "bad_type"}  # the rest are ours: one `error: ...` line and status 2
 PASSING = {"cfg_job": ([TRAIN, "--cfg", "job"], {}, [])}  # composes and prints the config, runs nothing
@@ -216,6 +213,9 @@ def test_validate_cross_field_rules():
     _fails(_cfg(train__hang_timeout_s=-1.0), 2, "train.hang_timeout_s=-1")
     _fails(_cfg(train__exit_grace_s=0.0), 2, "train.exit_grace_s=0")
     _fails(_cfg(train__exit_signals=["SIGTERMM"]), 2, "'SIGTERMM'")
+    _fails(_cfg(train__exit_signals=["SIGKILL"]), 2, "'SIGKILL'", "cannot be caught")
+    _fails(_cfg(train__hang_timeout_s=900.0), 2, "train.hang_timeout_s=900", "collective timeout")
+    _fails(_cfg(checkpoint__on_error="ignore"), 2, "checkpoint.on_error='ignore'", "stop, warn")
     validate(_cfg(train__max_minutes=0.5, train__hang_timeout_s=0.0, train__exit_signals=["SIGUSR2"]), 2)
 
 
