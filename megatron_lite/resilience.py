@@ -11,9 +11,9 @@ Three mechanisms, each a small class, and `RunGuard`, which the training loop ca
   workers directly (Slurm signals every process of a job step) is the same request: copies that arrive within
   `SAME_REQUEST_S` of the first count once.
 - `TimeLimit` -- Megatron-LM's `--exit-duration-in-mins`, checked *before* the next step: stop when the time
-  since launch plus the slowest recent iteration plus the last save would cross `train.max_minutes`.
+  since training started plus the slowest recent iteration plus the last save would cross `train.max_minutes`.
 - `HangWatchdog` -- NVIDIA/Megatron-LM#735 ("hangs with no hint of which rank or collective"): a daemon thread
-  per rank, armed at every step (two attribute writes, no system call). When a step, an evaluation or a save
+  per rank, armed at every step (a few attribute writes, no system call). When a step, an evaluation or a save
   makes no progress for `train.hang_timeout_s`, every rank writes `<run_dir>/hang/rank_N.txt` (its Python
   stacks, all threads, and the collectives it issued: op, group ranks, sizes, counts, the one it waits in),
   rank 0 prints one line naming the ranks that are behind and where, and the job exits with status 3, well
@@ -282,8 +282,12 @@ class RunGuard:
             self.signals.close()
 
     def _hang(self, phase: str, armed_ns: int) -> None:
-        """The watchdog expired: write this rank's report, let rank 0 summarize, exit 3."""
-        write_report(Path(self.cfg.run_dir) / "hang", self.ctx, self.launch, phase, armed_ns,
-                     self.t.hang_timeout_s, self.log.info)
-        sys.stdout.flush()
-        os._exit(3)
+        """The watchdog expired: write this rank's report, let rank 0 summarize, exit 3 (whatever happens)."""
+        try:
+            write_report(Path(self.cfg.run_dir) / "hang", self.ctx, self.launch, phase, armed_ns,
+                         self.t.hang_timeout_s, self.log.info)
+        except Exception as e:  # noqa: BLE001 -- a hang must end the job even without its report
+            print(f"rank {self.ctx.rank}: hang in {phase}, and its report failed: {e!r}", file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            os._exit(3)
