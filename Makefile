@@ -1,5 +1,5 @@
 # megatron-lite: `make install`, `make train`, `make test`. Hydra overrides go in ARGS:
-#   make train ARGS="model=gpt2-small train.steps=1000"      make train NPROC=8 ARGS="parallel.tp=8"
+#   make train ARGS="model=gpt2-small train.steps=1000"      make train NPROC=8 TP=8
 #   make train RUN_DIR=runs/20250101-120000                    (resume that run from its newest checkpoint)
 
 VENV   := .venv
@@ -9,6 +9,8 @@ TORCH_VERSION ?= 2.13.0
 
 # processes per node: one per GPU when nvidia-smi finds GPUs, else 4 CPU processes (DP=2 x TP=2)
 NPROC ?= $(or $(filter-out 0,$(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')),4)
+# TP size of `make train` (parallel.tp defaults to 1 for `python train.py`): DP = NPROC / TP
+TP ?= 2
 # evaluated once, so every rank and the whole recipe see the same directory
 ifndef RUN_DIR
 RUN_DIR := runs/$(shell date +%Y%m%d-%H%M%S)
@@ -30,7 +32,7 @@ $(STAMP): pyproject.toml
 # train, then sample from the final checkpoint with the sampling command (one process: the checkpoint
 # loads in any layout)
 train: install
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py run_dir=$(RUN_DIR) sample.max_new_tokens=0 $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py run_dir=$(RUN_DIR) parallel.tp=$(TP) sample.max_new_tokens=0 $(ARGS)
 	$(PY) -m megatron_lite.generate $(RUN_DIR) $(SAMPLE)
 
 test: install

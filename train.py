@@ -4,10 +4,10 @@ The world is a DP x TP grid: parallel.tp consecutive ranks hold one model replic
 data parallel size = world size / parallel.tp. Any key of configs/ (schema: megatron_lite/config.py) can be
 overridden on the command line, Hydra style (key=value).
 
-One process (TP=1, CPU or one GPU):
-    python train.py parallel.tp=1
+One process (CPU or one GPU; parallel.tp defaults to 1):
+    python train.py
 One GPU, a GPT-2 small shape:
-    python train.py parallel.tp=1 model=gpt2-small train.micro_batch_size=8 train.global_batch_size=64
+    python train.py model=gpt2-small train.micro_batch_size=8 train.global_batch_size=64
 One node, 4 processes (DP=2 x TP=2):
     torchrun --standalone --nproc_per_node=4 train.py parallel.tp=2
 Several nodes (run this on every node; TP stays inside a node, DP spans the nodes):
@@ -22,6 +22,11 @@ Print the composed config (every key) without running:
 Each job writes to run_dir (default runs/<torchrun job id or start time>); rerunning with the same run_dir
 resumes from its newest checkpoint (checkpoint.resume=auto). The configuration is checked on every rank
 before any process group exists: a bad value exits with status 2 and one `error: ...` line.
+
+Exit status: 0 when the run finished, or stopped cleanly with a checkpoint (SIGTERM/SIGUSR1, train.max_minutes;
+<run_dir>/status says which); 1 when it diverged or a checkpoint could not be saved (checkpoint.on_error=stop);
+2 for bad input; 3 for a hang (train.hang_timeout_s; reports in <run_dir>/hang/); 128+N when signal N came
+twice or train.exit_grace_s ran out. README "Running on a cluster" has a Slurm script.
 """
 import os
 import sys
@@ -52,11 +57,12 @@ def main(dict_cfg: DictConfig) -> None:
         validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
         _fail(str(e))
+    from megatron_lite.checkpoint import CheckpointSaveError
     from megatron_lite.trainer import DivergenceError, train  # only now: bad input never starts a process group
 
     try:
         train(cfg)
-    except DivergenceError as e:
+    except (DivergenceError, CheckpointSaveError) as e:
         _fail(str(e), status=1)
 
 

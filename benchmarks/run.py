@@ -1,4 +1,4 @@
-"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,3,4,5,6]`.
+"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,3,4,5,6,7,8]`.
 
 1. against the peer: train-step time of megatron-lite / PyTorch-native TP (DTensor), T=2, SP off and on
 2. communication: every collective of a train step, counted, against the Megatron analysis (theory.py)
@@ -10,6 +10,8 @@
 7. the distributed optimizer (parallel.zero=1): AdamW state per rank against theory at DP = 1, 2, 4; the DP
    collectives of a step against theory; step time against zero=0 and with its overlaps off; the coalesced
    gradient finalization against the per-parameter hooks it replaced
+8. run guards (resilience.py): a train step with and without the hang watchdog and the per-step stop
+   agreement, flight recorder off and on; each piece alone
 
 CPU: gloo, N spawned processes with one thread each. GPUs: NCCL, one process per GPU; a job that needs more
 processes than there are GPUs runs on CPU (and says so). Sections 2 and 3 count things that do not depend
@@ -28,8 +30,9 @@ from pathlib import Path
 import torch
 
 from megatron_lite.model import GPTConfig
+from megatron_lite.resilience import FLIGHT_RECORDER_ENTRIES
 
-from . import measure, theory, zero
+from . import guards, measure, theory, zero
 from .launch import launch
 
 BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_heads=8, dropout=0.0, seed=0)
@@ -357,12 +360,52 @@ def _ab_table(rep: Report, r: dict) -> None:
     rep.table(["contender", "ms/step", "vs baseline", "per-step ratio: median (quartiles)", "loss max |diff|"], rows)
 
 
+def section_guards(rep: Report, args, kw) -> dict:
+    b, steps = args.micro_batch, args.opt_steps
+    rep(f"== 8. run guards (megatron_lite/resilience.py): hang watchdog, flight recorder, per-step stop agreement; "
+        f"device cpu")
+    rep(f"   a. DP2 x TP2 + SP train steps, 4 processes, {shape_str(kw, b)}, AdamW, flight recorder on; bare and "
+        f"guarded (arm + agreement) take turns step by step, {steps} steps after 1 warm-up")
+    res = launch(guards.step_worker, 4, kw, 2, b, 1, steps)
+    rows = [[name, f"{1e3 * res['median'][name]:.1f}", f"{res['ratio'][name]:.3f}",
+             f"{res['paired'][name]['median']:.3f} ({res['paired'][name]['q1']:.2f}-{res['paired'][name]['q3']:.2f})"]
+            for name in ("bare", "guarded")]
+    rep.table(["contender", "ms/step", "vs bare", "per-step ratio: median (quartiles)"], rows)
+    rep(f"   b. one process, no network: CPU time per call, best of {args.guard_rounds} rounds of {args.guard_calls} "
+        f"calls, in alternating jobs with the flight recorder off and on")
+    calls = {"off": [], "on": []}
+    for _ in range(args.guard_jobs):
+        for name, size in (("off", "0"), ("on", str(FLIGHT_RECORDER_ENTRIES))):
+            saved = os.environ.get("TORCH_FR_BUFFER_SIZE")
+            os.environ["TORCH_FR_BUFFER_SIZE"] = size  # inherited by the spawned process
+            try:
+                calls[name].append(launch(guards.call_worker, 1, args.guard_calls, args.guard_rounds))
+            finally:
+                os.environ.pop("TORCH_FR_BUFFER_SIZE") if saved is None else os.environ.update(TORCH_FR_BUFFER_SIZE=saved)
+    best = {name: min(c["allreduce_s"] for c in cs) for name, cs in calls.items()}
+    arm = min(c["arm_s"] for cs in calls.values() for c in cs)
+    per_collective = best["on"] - best["off"]  # below 0: within the noise
+    rep.table(["flight recorder", "1-element all-reduce us (best)", "recorded"],
+              [[name, f"{1e6 * best[name]:.2f}", all(c["recorded"] for c in calls[name])] for name in calls])
+    n = res["collectives_per_step"]
+    expected = n * max(0.0, per_collective) + arm + res["agreement_s"]
+    rep(f"   arm(): {1e9 * arm:.0f} ns; agreement (4 processes): {1e6 * res['agreement_s']:.0f} us; flight recorder: "
+        f"{1e6 * per_collective:.2f} us per collective (on - off{': below the noise' if per_collective <= 0 else ''}) "
+        f"x {n} collectives per step (its own count, DDP's included)")
+    rep(f"   theory: {n} x {1e6 * max(0.0, per_collective):.2f} us + arm + agreement = {1e3 * expected:.3f} ms per step = "
+        f"{100 * expected / res['median']['bare']:.2f}% of the bare step; measured: guarded vs bare "
+        + verdict(res, "guarded"))
+    rep()
+    return dict(steps=res, calls=calls, flight_recorder_per_collective_s=per_collective, arm_s=arm,
+                expected_s=expected)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
     p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated subset of 1..7")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated subset of 1..8")
     p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
@@ -370,13 +413,17 @@ def main(argv=None) -> dict:
     p.add_argument("--scale-steps", type=int, default=None, help="measured steps per layout in section 4 (default 4)")
     p.add_argument("--opt-steps", type=int, default=None,
                    help="measured steps per contender in sections 6 and 7 (default 10)")
+    p.add_argument("--guard-jobs", type=int, default=None, help="section 8: jobs per flight-recorder setting (3)")
+    p.add_argument("--guard-rounds", type=int, default=7, help="section 8: rounds per job (best of)")
+    p.add_argument("--guard-calls", type=int, default=None, help="section 8: calls per round (5000)")
     p.add_argument("--mfu-batch", type=int, default=8)
     p.add_argument("--mfu-steps", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one step of each contender")
     args = p.parse_args(argv)
     quick = args.quick
     for name, full, small in (("steps", 16, 2), ("warmup", 2, 1), ("micro_batch", 4, 2), ("global_batch", 8, 4),
-                              ("scale_steps", 4, 1), ("opt_steps", 10, 2)):
+                              ("scale_steps", 4, 1), ("opt_steps", 10, 2), ("guard_jobs", 3, 1),
+                              ("guard_calls", 5000, 200)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     kw = QUICK if quick else BENCH
@@ -407,6 +454,8 @@ def main(argv=None) -> dict:
         result["optimizations"] = section_opt(rep, args, kw, result.get("memory"))
     if 7 in sections:
         result["zero"] = section_zero(rep, args, kw)
+    if 8 in sections:
+        result["guards"] = section_guards(rep, args, kw)
     info["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0
     rep(f"total {result['wall_s']:.0f} s; load average at end {info['loadavg_end'][0]:.2f}; numbers in {args.out}")

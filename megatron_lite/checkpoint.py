@@ -9,6 +9,14 @@ one rank.
 A checkpoint is complete or invisible: it is written to `step_NNNNNNN.tmp/` and renamed to
 `step_NNNNNNN/` by rank 0 only after DCP has written its metadata, which it does once every rank has
 finished writing. Loading checks that every shard file named by the metadata is there and long enough.
+
+A save that fails (disk full, permission denied, a vanished path) is failed on every rank alike: DCP gathers
+each rank's write error to its coordinator and broadcasts one CheckpointException to all ranks, and rank 0's
+own last step (the rename) is shared through the training loop's per-step agreement (`outcome`/`settle`, called
+by resilience.RunGuard.check; `wait` agrees on its own). Then rank 0 removes the partial `.tmp`, and the run
+stops naming the path and the OS error (checkpoint.on_error=stop) or warns and trains on (warn). Nothing
+older is touched, so the previous checkpoint stays intact, `keep` counts complete checkpoints only, and
+resume picks the newest intact one.
 """
 from __future__ import annotations
 
@@ -17,12 +25,13 @@ import os
 import re
 import shutil
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -34,6 +43,45 @@ _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file or parameter."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint that could not be written (checkpoint.on_error=stop); raised on every rank at once."""
+
+
+@dataclass
+class _Save:
+    """A save from its start until every rank agrees on its outcome."""
+    step: int
+    tmp: Path
+    done: threading.Event = field(default_factory=threading.Event)  # this rank's part is over
+    error: BaseException | None = None  # this rank's: DCP's (the same on every rank) or rank 0's rename
+
+
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer, raising the OS error itself. PyTorch's zip writer reports a failed write (disk full,
+    file too large) as "unexpected pos N vs M" and keeps the OSError only as its __context__, which does not
+    survive DCP's pickling of the error to the other ranks."""
+
+    def write_data(self, plan, planner):
+        try:
+            return super().write_data(plan, planner)
+        except Exception as e:
+            cause = e
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            written = sorted(Path(self.path).glob(f"{plan.storage_data.prefix}*"), key=lambda p: p.stat().st_mtime)
+            raise OSError(cause.errno, cause.strerror, cause.filename or (written and str(written[-1])) or None) from e
+
+
+def _os_error(e: BaseException) -> str:
+    """The failing rank and OS error inside a DCP CheckpointException (or the error itself)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (inner, _) = min(e.failures.items())
+        return f"rank {rank}: {inner}"
+    return str(e)
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -148,11 +196,13 @@ def load_state(path: Path, model, opt, ctx, process_group=None) -> None:
 
 
 class Checkpointer:
-    def __init__(self, cfg, ctx, corpus, *, wandb_id: str, log=print):
-        self.cfg, self.ctx, self.corpus, self.wandb_id, self.log = cfg, ctx, corpus, wandb_id, log
+    def __init__(self, cfg, ctx, corpus, *, wandb_id: str, agree, log=print):
+        """`agree(values)` sums a list of ints over all ranks (resilience.Agreement.sum): used to agree on a
+        save's outcome in `wait`."""
+        self.cfg, self.ctx, self.corpus, self.wandb_id, self.agree, self.log = cfg, ctx, corpus, wandb_id, agree, log
         self.root = Path(cfg.run_dir) / "checkpoints"
-        self.pending = None  # (future, finalize) of the async save in flight
-        self._lock = threading.Lock()
+        self.pending: _Save | None = None  # the save whose outcome the ranks have not agreed on yet
+        self.saved_step: int | None = None  # the newest step saved by this launch, agreed
         # Async saves talk on their own group, so the background thread never races the training collectives.
         self.group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
 
@@ -184,51 +234,104 @@ class Checkpointer:
             return {"step": 0, "consumed_samples": 0}
         load_state(path, model, opt, self.ctx)
         meta = read_meta(path)
+        if path.parent == self.root:  # this run's own checkpoint: a stop right away needs no new save
+            self.saved_step = meta["step"]
         return {"step": meta["step"], "consumed_samples": meta["consumed_samples"]}
 
+    def newest(self) -> Path | None:
+        found = step_dirs(self.root)
+        return found[0] if found else None
+
+    def covers(self, step: int) -> bool:
+        """Whether this launch saved `step` already, or is saving it."""
+        return step in (self.saved_step, self.pending and self.pending.step)
+
     def save(self, step: int, model, opt, state: dict) -> None:
+        """Start saving `step` (async_save: in the background). A failure is not raised here: every rank
+        learns of it in settle(), through the loop's next agreement, or in wait()."""
         self.wait()  # at most one save in flight
         final = self.root / f"step_{step:07d}"
-        tmp = final.with_name(final.name + ".tmp")
-        os.makedirs(tmp, exist_ok=True)
+        tmp = final.with_name(final.name + ".tmp")  # DCP creates it, inside its agreed planning step
         sd = _full_state(model, opt, self.ctx)
         meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "tokenizer": {"key": self.corpus.key,
                 "vocab_size": self.corpus.vocab_size}, "wandb_id": self.wandb_id,
                 "layout": {"dp": self.ctx.dp_size, "tp": self.ctx.tp_size, "sp": self.cfg.parallel.sp},
                 "torch": torch.__version__}
-        finalize = lambda: self._finalize(tmp, final, meta)  # noqa: E731
-        if self.cfg.checkpoint.async_save:
-            future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self.group)
-            self.pending = (future, finalize)
-            future.add_done_callback(lambda f: f.exception() is None and finalize())
-        else:
-            dcp.save(sd, checkpoint_id=str(tmp))
-            finalize()
+        job = self.pending = _Save(step, tmp)
+
+        def finish(error: BaseException | None) -> None:  # this rank's part is over (DCP's thread when async)
+            if error is None and self.ctx.is_first_rank:
+                try:
+                    self._finalize(tmp, final, meta)
+                except Exception as e:  # noqa: BLE001 -- any failure to make it visible fails the save
+                    error = e
+            job.error = error
+            job.done.set()
+
+        try:
+            if self.cfg.checkpoint.async_save:
+                future = dcp.async_save(sd, storage_writer=_Writer(str(tmp)), process_group=self.group)
+                future.add_done_callback(lambda f: finish(f.exception()))
+            else:
+                dcp.save(sd, storage_writer=_Writer(str(tmp)))
+                finish(None)
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            finish(e)
 
     def _finalize(self, tmp: Path, final: Path, meta: dict) -> None:
         """Rank 0, once DCP has written its metadata (so every rank has finished): make it visible."""
-        if not self.ctx.is_first_rank:
+        if final.exists():  # a damaged checkpoint of this step that resume skipped: replace it
+            shutil.rmtree(final)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.copy(self.corpus.tokenizer_path, tmp / "tokenizer.model")
+        os.replace(tmp, final)
+        self.log(f"saved checkpoint {final}")
+        keep = self.cfg.checkpoint.keep
+        for old in step_dirs(self.root)[keep:] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def outcome(self) -> tuple[int, int]:
+        """(failed, still running) of this rank's part of the pending save, to be summed over the ranks."""
+        job = self.pending
+        if job is None:
+            return 0, 0
+        return int(job.error is not None), int(not job.done.is_set())
+
+    def settle(self, failed: int, running: int) -> None:
+        """Act on the outcome summed over every rank (so every rank does the same): a failure is reported
+        (and raised, with on_error=stop); a save finished everywhere is done."""
+        job = self.pending
+        if job is None or (not failed and running):
             return
-        with self._lock:
-            if not tmp.exists():  # already made visible (async: by the callback, then wait())
-                return
-            if final.exists():  # a damaged checkpoint of this step that resume skipped: replace it
-                shutil.rmtree(final)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            shutil.copy(self.corpus.tokenizer_path, tmp / "tokenizer.model")
-            os.replace(tmp, final)
-            self.log(f"saved checkpoint {final}")
-            keep = self.cfg.checkpoint.keep
-            for old in step_dirs(self.root)[keep:] if keep else []:
-                shutil.rmtree(old, ignore_errors=True)
+        self.pending = None
+        if not failed:
+            self.saved_step = job.step
+            return
+        job.done.wait()  # every rank's writes are over once DCP's result (or rank 0's rename) is known
+        cleanup = ""
+        if self.ctx.is_first_rank and job.tmp.exists():
+            shutil.rmtree(job.tmp, ignore_errors=True)
+            cleanup = f"; could not remove the partial {job.tmp}" if job.tmp.exists() else \
+                f"; removed the partial {job.tmp.name}"
+        what = _os_error(job.error) if job.error else "failed on another rank (see its log)"
+        previous = self.newest()
+        msg = (f"checkpoint of step {job.step} not saved in {job.tmp}: {what}; the previous checkpoint "
+               + (f"{previous} is intact" if previous else "does not exist (none saved yet)") + cleanup)
+        if self.cfg.checkpoint.on_error == "warn":
+            self.log(f"warning: {msg}; training goes on (checkpoint.on_error=warn)")
+            return
+        self.log(f"error: checkpoint of step {job.step} not saved: {what}")  # train.py prints the whole line
+        raise CheckpointSaveError(
+            f"{msg}; the run stops (checkpoint.on_error=stop): fix the cause and rerun with run_dir={self.cfg.run_dir} "
+            f"to resume from the previous checkpoint, or set checkpoint.on_error=warn to train on without it")
 
     def wait(self) -> None:
-        """Finish the save in flight (training calls this before the next save and before exiting)."""
-        if self.pending is not None:
-            future, finalize = self.pending
-            self.pending = None
-            future.result()
-            finalize()
+        """Finish the save in flight and agree on its outcome (before the next save and before exiting)."""
+        job = self.pending
+        if job is not None:
+            job.done.wait()
+            failed, _ = self.agree([int(job.error is not None), 0])
+            self.settle(failed, 0)
 
 
 def model_config(path: str | Path, **overrides):

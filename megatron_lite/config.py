@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -19,9 +20,13 @@ from omegaconf import MISSING, OmegaConf
 
 from megatron_lite.data import DataConfig
 from megatron_lite.model import RopeScaling
+from megatron_lite.parallel import COLLECTIVE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from megatron_lite.model import GPTConfig
+
+
+_CATCHABLE = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
 
 
 class ConfigError(ValueError):
@@ -55,7 +60,7 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 2  # tensor-parallel size; data-parallel size = world size / tp
+    tp: int = 1  # tensor-parallel size; data-parallel size = world size / tp (1, as in Megatron and torchtitan)
     sp: bool = True  # sequence parallelism (shards LayerNorm/dropout activations over the TP group)
     tp_comm_overlap: bool = True  # overlap column-parallel layers' input-grad collective with their dW matmul
     zero: int = 0  # 0: AdamW state replicated over DP (DDP); 1: distributed optimizer, AdamW state split over DP
@@ -72,6 +77,11 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
+    # ending well on a cluster (megatron_lite/resilience.py)
+    max_minutes: Optional[float] = None  # save and exit 0 before the next step would cross this; None: no limit
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save and exit 0 on these
+    exit_grace_s: float = 25.0  # after a stop signal, exit (non-zero) if not done by then; under torchrun/Slurm's 30 s
+    hang_timeout_s: float = 300.0  # a step, evaluation or save with no progress this long: report and exit 3; 0: off
 
 
 @dataclass
@@ -109,6 +119,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir | never
     load: Optional[str] = None  # initialize from this checkpoint instead (weights + optimizer + step)
     async_save: bool = False  # write checkpoints in a background thread
+    on_error: str = "stop"  # a save that fails: stop (exit 1 naming the path and the OS error) | warn (train on)
 
 
 @dataclass
@@ -238,6 +249,14 @@ def validate(cfg: Config, world_size: int) -> None:
     _need(t.eval_iters >= 1, f"train.eval_iters={t.eval_iters} must be >= 1")
     _one_of("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
     _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+    _need(t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes={t.max_minutes} must be > 0 or null (no limit)")
+    _need(0 <= t.hang_timeout_s < COLLECTIVE_TIMEOUT_S,
+          f"train.hang_timeout_s={t.hang_timeout_s:g} must be in [0, {COLLECTIVE_TIMEOUT_S:g}) (0: off): below the "
+          f"collective timeout, or the collective times out first, without a report")
+    _need(t.exit_grace_s > 0, f"train.exit_grace_s={t.exit_grace_s:g} must be > 0")
+    for name in t.exit_signals:
+        _need(name in _CATCHABLE, f"train.exit_signals has {name!r}: use signal names such as SIGTERM, SIGUSR1 "
+                                  f"(SIGKILL and SIGSTOP cannot be caught)")
     if t.device == "cuda":
         import torch
         _need(torch.cuda.is_available(), "train.device='cuda' but torch sees no CUDA device: use train.device=auto")
@@ -265,6 +284,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _need(c.every >= 0, f"checkpoint.every={c.every} must be >= 0 (0: save only at the end)")
     _need(c.keep is None or c.keep >= 1, f"checkpoint.keep={c.keep} must be >= 1 or null (keep all)")
     _one_of("checkpoint.resume", c.resume, ("auto", "never"))
+    _one_of("checkpoint.on_error", c.on_error, ("stop", "warn"))
     s = cfg.sample
     _need(s.max_new_tokens >= 0, f"sample.max_new_tokens={s.max_new_tokens} must be >= 0")
     _need(s.temperature >= 0, f"sample.temperature={s.temperature} must be >= 0 (0: greedy)")

@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 
 
+COLLECTIVE_TIMEOUT_S = 600.0  # every process group's timeout: a collective waits this long before it fails
+
+
 class ParallelConfigError(ValueError):
     """A layout that cannot be built; raised before any collective runs."""
 
@@ -59,12 +62,12 @@ def default_device(kind: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device | None = None, timeout_s: float = 600.0) -> None:
+def init_distributed(device: torch.device | None = None, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
     """Join the job torchrun (env://) describes; a plain `python` run becomes a world of one."""
     if dist.is_initialized():
         return
+    alone = "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     device = device or default_device()
@@ -72,7 +75,10 @@ def init_distributed(device: torch.device | None = None, timeout_s: float = 600.
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend=backend, store=_restart_safe_store(timeout), rank=int(os.environ["RANK"]),
+    # A world of one needs no rendezvous: an in-memory store, rather than a "free" port that another process
+    # may take before the TCPStore binds it (seen on a busy machine: EADDRINUSE).
+    store = dist.HashStore() if alone else _restart_safe_store(timeout)
+    dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
 

@@ -4,6 +4,9 @@ One optimizer step consumes `train.global_batch_size` sequences: each DP rank ru
 of `train.micro_batch_size`; the gradients are reduced over the DP group once, during the last micro-batch's
 backward (DDP's all-reduce, or the distributed optimizer's reduce-scatter under parallel.zero=1), and
 finalized (optim.finalize_model_grads) once per optimizer step.
+
+At every step boundary the ranks agree whether to stop (a stop signal, the time limit) and on the outcome of
+the checkpoint in flight; a hang watchdog is armed for every step, evaluation and save (resilience.py).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from .metrics import MetricsLogger
 from .model import GPT
 from .optim import build_optimizer, lr_at
 from .parallel import ParallelContext, init_parallel
+from .resilience import RunGuard
 
 
 class DivergenceError(RuntimeError):
@@ -39,16 +43,19 @@ class TrainState:
 
 
 def train(cfg: Config) -> None:
+    guard = RunGuard(cfg)  # before the process groups: it turns PyTorch's flight recorder on
     ctx = init_parallel(cfg.parallel.tp, device=None if cfg.train.device == "auto" else cfg.train.device)
     try:
-        _train(cfg, ctx)
+        _train(cfg, ctx, guard)
     finally:
+        guard.close()
         dist.destroy_process_group()
 
 
-def _train(cfg: Config, ctx: ParallelContext) -> None:
+def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     torch.manual_seed(cfg.train.seed)
     log = MetricsLogger(cfg, ctx)
+    agreement = guard.start(ctx, log)
     log.info(f"layout: {ctx.describe()}")
     corpus = prepare_corpus(cfg.data, is_first_rank=int(os.environ.get("LOCAL_RANK", 0)) == 0,
                             barrier=dist.barrier, log=log.info)
@@ -57,7 +64,7 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
     forward = opt.module  # DDP(model) under zero=0 with DP > 1, else the model
     if cfg.train.compile:
         forward = torch.compile(forward)
-    ckpt = Checkpointer(cfg, ctx, corpus, wandb_id=log.wandb_id(), log=log.info)
+    ckpt = Checkpointer(cfg, ctx, corpus, wandb_id=log.wandb_id(), agree=agreement.sum, log=log.info)
     state = TrainState()
     source = ckpt.resume_source()
     if source is not None:
@@ -70,6 +77,7 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
     log.start(model, state.step, optimizer_state_bytes=opt.state_bytes())
     if ctx.is_first_rank:
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
+    guard.write_status("running")
 
     accum = grad_accum_steps(cfg, ctx.world_size)
     train_data = WindowSampler(corpus.train_tokens(), cfg.model.seq_len, cfg.train.seed, name="train")
@@ -77,7 +85,9 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
     autocast = _autocast(cfg, ctx)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
 
-    while state.step < cfg.train.steps:
+    stop = guard.check(ckpt)  # a signal during setup stops before the first step
+    while state.step < cfg.train.steps and not stop:
+        guard.arm(f"step {state.step + 1}")
         t0 = time.perf_counter()
         lr = lr_at(state.step, cfg.optim, cfg.train.steps)
         for group in opt.param_groups:
@@ -107,11 +117,23 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
             log.step(state.step, loss=loss_avg, lr=lr, grad_norm=norm_value, step_time=dt,
                      tokens_per_sec=tokens_per_step / dt, consumed_samples=state.consumed_samples)
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps:
+            guard.arm(f"evaluation after step {state.step}")
             log.eval(state.step, _evaluate(model, val_data, cfg, ctx, autocast))
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
+            guard.arm(f"checkpoint save of step {state.step}")
             ckpt.save(state.step, model, opt, asdict(state))
+        stop = guard.check(ckpt)
+    guard.arm(f"checkpoint save of step {state.step}")
+    if stop and state.step and not ckpt.covers(state.step):
+        ckpt.save(state.step, model, opt, asdict(state))
     ckpt.wait()
-    _sample(model, corpus, cfg, log)
+    guard.disarm()
+    if state.step < cfg.train.steps:
+        guard.stopped(state.step, stop, ckpt.newest())
+    else:
+        guard.write_status(f"finished {state.step}")
+        if not stop:  # a stop signal during the last step: exit now, the sample can wait
+            _sample(model, corpus, cfg, log)
     log.finish()
 
 

@@ -1,8 +1,9 @@
 """Checkpoints end to end, through the CLI (torchrun / python train.py as subprocesses), as a user runs them.
 
-One reference run (DP2 x TP2 with sequence parallelism, 8 steps, a checkpoint every 2) is shared by the
-module; every other test resumes, reshards, damages, exports or samples from (a copy of) its checkpoints.
-SMALL's model trains deterministically on CPU, so a resumed run at the same layout must match it bitwise.
+One reference run (DP2 x TP2 with sequence parallelism, 8 steps, a checkpoint every 2: conftest.ref, shared
+with test_resilience) serves the module; every other test resumes, reshards, damages, exports or samples from
+(a copy of) its checkpoints. SMALL's model trains deterministically on CPU, so a resumed run at the same
+layout must match it bitwise.
 
 Also a script: `torchrun --nproc_per_node=N tests/test_checkpoint.py --loss CKPT OUT.json` loads CKPT at
 TP=N and writes the loss on a fixed batch (used by the export test).
@@ -23,9 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import ROOT, SMALL, TORCHRUN, env, losses, metrics, torchrun
+from cli import (REF_EVERY, REF_STEPS, ROOT, SMALL, TORCHRUN, ckpt_names, end_job, env, loss_steps, losses, metrics,
+                 torchrun, worker_pids)
 
-STEPS, EVERY = 8, 2
+STEPS, EVERY = REF_STEPS, REF_EVERY  # the reference run, conftest.ref
 BASE = [*SMALL, f"train.steps={STEPS}", f"checkpoint.every={EVERY}"]
 DP2TP2 = ["parallel.tp=2"]  # 4 processes: DP=2 x TP=2, parallel.sp=true (the default)
 
@@ -34,16 +36,8 @@ def step_dir(run_dir, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
-def ckpt_names(run_dir) -> list[str]:
-    return sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir())
-
-
 def train_log(run_dir) -> str:
     return (Path(run_dir) / "train.log").read_text()
-
-
-def loss_steps(run_dir) -> list[int]:
-    return [m["step"] for m in metrics(run_dir) if "loss" in m]
 
 
 def python_train(*overrides: str, check: bool = True, timeout: float = 240):
@@ -70,16 +64,6 @@ def truncate(path: Path) -> tuple[int, int]:
 def assert_close(got: dict, want: dict, steps, rel: float) -> None:
     for s in steps:
         assert math.isclose(got[s], want[s], rel_tol=rel), f"step {s}: loss {got[s]!r} vs {want[s]!r}"
-
-
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory) -> Path:
-    """The uninterrupted reference: DP2 x TP2 + SP, steps 1..8, checkpoints at 2, 4, 6, 8."""
-    run = tmp_path_factory.mktemp("ref") / "run"
-    torchrun(4, *BASE, *DP2TP2, f"run_dir={run}")
-    assert loss_steps(run) == list(range(1, STEPS + 1))
-    assert ckpt_names(run) == [f"step_{s:07d}" for s in range(EVERY, STEPS + 1, EVERY)]
-    return run
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,27 +148,6 @@ def test_load_at_another_layout_continues_the_run(ref, tmp_path, layout):
 #    resumes from the newest complete checkpoint and finishes with the uninterrupted run's losses.
 # ---------------------------------------------------------------------------------------------------------
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _rank(pid: int) -> int | None:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for item in environ:
-        if item.startswith(b"RANK="):
-            return int(item[5:])
-    return None
-
-
 # Restarted workers must not read the dead attempt's addresses from torchrun's shared TCPStore
 # (pytorch/pytorch#135712): megatron_lite.parallel prefixes the store's keys per restart.
 # With the distributed optimizer (zero=1, the default run's case) the restarted workers gather nothing: each
@@ -204,19 +167,11 @@ def test_worker_killed_mid_run_restarts_and_matches(ref, tmp_path, zero):
             assert time.monotonic() < deadline, "no checkpoint of step 4 after 180 s"
             time.sleep(0.002)
         in_save = not step_dir(run, 4).exists()
-        victim = next(p for p in _children(agent.pid) if _rank(p) == 1)
+        victim = worker_pids(agent.pid)[1]
         os.kill(victim, signal.SIGKILL)
         rc = agent.wait(timeout=240)
     finally:
-        if agent.poll() is None:  # the test failed: end the job (its workers run in sessions of their own)
-            stray = _children(agent.pid)
-            agent.kill()
-            agent.wait()
-            for pid in stray:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        end_job(agent)  # the test failed: end the job
         out.close()
     output = (tmp_path / "torchrun.out").read_text()
     assert rc == 0, "\n".join([ln for ln in output.splitlines() if "Error" in ln][:5] + [output[-3000:]])

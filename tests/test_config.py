@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from megatron_lite.config import Config, ConfigError, dp_size, gpt_config, grad_accum_steps, validate
 from megatron_lite.data import DataConfig
+from megatron_lite.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -29,11 +30,13 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 FAILING = {
     "world_size": ([TRAIN, "parallel.tp=3"], {"WORLD_SIZE": "4"}, ["world size 4", "parallel.tp=3"]),
     "num_heads": ([TRAIN, "parallel.tp=3"], {"WORLD_SIZE": "3"}, ["model.num_heads=4", "parallel.tp=3"]),
-    "ffn": ([TRAIN, "model.ffn_hidden_size=511"], {"WORLD_SIZE": "2"}, ["model.ffn_hidden_size=511", "tp=2"]),
-    "seq_len_sp": ([TRAIN, "model.seq_len=127"], {"WORLD_SIZE": "2"}, ["model.seq_len=127", "parallel.sp=false"]),
+    "ffn": ([TRAIN, "parallel.tp=2", "model.ffn_hidden_size=511"], {"WORLD_SIZE": "2"},
+            ["model.ffn_hidden_size=511", "tp=2"]),
+    "seq_len_sp": ([TRAIN, "parallel.tp=2", "model.seq_len=127"], {"WORLD_SIZE": "2"},
+                   ["model.seq_len=127", "parallel.sp=false"]),
     "hidden_heads": ([TRAIN, "parallel.tp=1", "model.num_heads=3"], {},
                      ["model.hidden_size=128", "model.num_heads=3"]),
-    "global_batch": ([TRAIN, "train.global_batch_size=20"], {"WORLD_SIZE": "4"},
+    "global_batch": ([TRAIN, "parallel.tp=2", "train.global_batch_size=20"], {"WORLD_SIZE": "4"},
                      ["train.global_batch_size=20", "DP=2", "use train.global_batch_size=24"]),
     "data_path": ([TRAIN, "parallel.tp=1", "data=text", "data.paths=[/nonexistent/x.txt]"], {},
                   ["/nonexistent/x.txt"]),
@@ -53,6 +56,9 @@ FAILING = {
     "bad_type": ([TRAIN, "train.steps=abc"], {}, ["Value 'abc'", "train.steps"]),
     # a real torchrun job: both ranks fail fast, before any process group; only LOCAL_RANK 0 prints
     "torchrun": ([*TORCHRUN, TRAIN, "parallel.tp=4"], {}, ["world size 2 is not divisible by parallel.tp=4"]),
+    # torchrun with a fixed port and no --standalone / --rdzv-id: static rendezvous, whose job id is "none"
+    "torchrun_static": (["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}", TRAIN],
+                        {}, ["run_dir=runs/none", "--rdzv-id"]),
 }
 HYDRA = {"unknown_key", "bad_type"}  # the rest are ours: one `error: ...` line and status 2
 PASSING = {"cfg_job": ([TRAIN, "--cfg", "job"], {}, [])}  # composes and prints the config, runs nothing
@@ -105,7 +111,7 @@ def test_cli_rejects(cli, name):
     if name not in HYDRA:  # exactly one `error: ...` line (torchrun adds its own failure report)
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1, err
-        if name != "torchrun":
+        if not name.startswith("torchrun"):
             assert rc == 2 and err.strip() == lines[0], err
     assert left == [], f"the failed run left {left} in its working directory"
 
@@ -126,8 +132,10 @@ def test_cfg_job_prints_every_key(cli):
             assert isinstance(node, dict) and part in node, f"{key} missing from --cfg job:\n{out}"
             node = node[part]
     assert "TORCHELASTIC_RUN_ID" in cfg["run_dir"]
-    assert cfg["parallel"] == {"tp": 2, "sp": True, "tp_comm_overlap": True, "zero": 0}
+    assert cfg["parallel"] == {"tp": 1, "sp": True, "tp_comm_overlap": True, "zero": 0}
     assert (cfg["train"]["steps"], cfg["model"]["name"]) == (500, "tiny")
+    assert (cfg["checkpoint"]["on_error"], cfg["train"]["hang_timeout_s"], cfg["train"]["exit_signals"]) == \
+        ("stop", 300.0, ["SIGTERM", "SIGUSR1"])
 
 
 def _compose(*overrides: str) -> Config:
@@ -181,14 +189,16 @@ def _fails(cfg: Config, world_size: int, *needles: str) -> str:
 
 
 def test_validate_accepts_defaults():
-    for world in (2, 4, 8):
+    for world in (1, 2, 4):  # parallel.tp=1: DP = world size
         validate(_cfg(), world)
-    validate(_cfg(parallel__tp=1), 1)
+    for world in (2, 4, 8):
+        validate(_cfg(parallel__tp=2), world)
+    _fails(_cfg(), 8, "DP=8", "use train.global_batch_size=32")  # 16 sequences do not split over 8 x 4
     assert issubclass(ConfigError, ValueError)
 
 
 def test_sizes():
-    cfg = _cfg()
+    cfg = _cfg(parallel__tp=2)
     assert (dp_size(cfg, 4), grad_accum_steps(cfg, 4)) == (2, 2)  # 16 = 4 micro x 2 DP x 2 accumulation
     assert (dp_size(cfg, 8), grad_accum_steps(cfg, 8)) == (4, 1)
     assert (dp_size(cfg, 2), grad_accum_steps(cfg, 2)) == (1, 4)
@@ -203,15 +213,15 @@ def test_gpt_config_mapping():
 
 
 def test_validate_cross_field_rules():
-    _fails(_cfg(), 3, "world size 3", "parallel.tp=2")
+    _fails(_cfg(parallel__tp=2), 3, "world size 3", "parallel.tp=2")
     _fails(_cfg(parallel__tp=8), 8, "model.num_heads=4", "parallel.tp=8")
-    _fails(_cfg(model__ffn_hidden_size=513), 2, "model.ffn_hidden_size=513")
-    _fails(_cfg(model__seq_len=129), 2, "model.seq_len=129", "parallel.sp=false")
-    validate(_cfg(model__seq_len=129, parallel__sp=False), 2)  # only SP shards the sequence
+    _fails(_cfg(parallel__tp=2, model__ffn_hidden_size=513), 2, "model.ffn_hidden_size=513")
+    _fails(_cfg(parallel__tp=2, model__seq_len=129), 2, "model.seq_len=129", "parallel.sp=false")
+    validate(_cfg(parallel__tp=2, model__seq_len=129, parallel__sp=False), 2)  # only SP shards the sequence
     _fails(_cfg(model__num_heads=6), 2, "model.hidden_size=128", "model.num_heads=6")
-    msg = _fails(_cfg(train__global_batch_size=12), 8, "train.global_batch_size=12", "DP=4", "= 16")
+    msg = _fails(_cfg(parallel__tp=2, train__global_batch_size=12), 8, "train.global_batch_size=12", "DP=4", "= 16")
     assert "use train.global_batch_size=16" in msg
-    _fails(_cfg(train__global_batch_size=0), 2, "use train.global_batch_size=4")
+    _fails(_cfg(parallel__tp=2, train__global_batch_size=0), 2, "use train.global_batch_size=4")
     _fails(_cfg(train__steps=0), 2, "train.steps=0")
     _fails(_cfg(train__micro_batch_size=0), 2, "train.micro_batch_size=0")
     _fails(_cfg(optim__warmup_steps=-1), 2, "optim.warmup_steps=-1")
@@ -227,6 +237,14 @@ def test_validate_cross_field_rules():
     _fails(_cfg(checkpoint__keep=0), 2, "checkpoint.keep=0")
     _fails(_cfg(logging__every=0), 2, "logging.every=0")
     _fails(_cfg(sample__top_k=0), 2, "sample.top_k=0")
+    _fails(_cfg(train__max_minutes=0.0), 2, "train.max_minutes=0.0")
+    _fails(_cfg(train__hang_timeout_s=-1.0), 2, "train.hang_timeout_s=-1")
+    _fails(_cfg(train__exit_grace_s=0.0), 2, "train.exit_grace_s=0")
+    _fails(_cfg(train__exit_signals=["SIGTERMM"]), 2, "'SIGTERMM'")
+    _fails(_cfg(train__exit_signals=["SIGKILL"]), 2, "'SIGKILL'", "cannot be caught")
+    _fails(_cfg(train__hang_timeout_s=900.0), 2, "train.hang_timeout_s=900", "collective timeout")
+    _fails(_cfg(checkpoint__on_error="ignore"), 2, "checkpoint.on_error='ignore'", "stop, warn")
+    validate(_cfg(train__max_minutes=0.5, train__hang_timeout_s=0.0, train__exit_signals=["SIGUSR2"]), 2)
 
 
 def test_validate_data():
