@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from megatron_lite.config import Config, ConfigError, validate  # also registers the schema with Hydra
+from megatron_lite.data import DataError
 
 
 def _fail(message: str, status: int = 2) -> None:
@@ -58,6 +59,8 @@ def main(dict_cfg: DictConfig) -> None:
         train(cfg)
     except DivergenceError as e:
         _fail(str(e), status=1)
+    except DataError as e:  # bad corpus content, or resuming on another corpus: found once the job has started
+        _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .data import DataError
 from .tensor_parallel import tp_partition_dim
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -31,6 +32,26 @@ _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file or parameter."""
+
+
+class CorpusChangedError(DataError):
+    """Resuming on another corpus or tokenizer than the checkpoint's, without data.allow_corpus_change."""
+
+
+def check_same_data(saved: dict | None, now: dict, path: Path, allow: bool, log=print) -> None:
+    """Stop (or, with data.allow_corpus_change, warn) when checkpoint `path` was trained on other data.
+
+    `saved`/`now` are TokenizedCorpus.identity() dicts; checkpoints from before they were recorded pass."""
+    if saved is None or (saved["corpus"], saved["tokenizer"]) == (now["corpus"], now["tokenizer"]):
+        return
+    what = " and ".join(k for k in ("corpus", "tokenizer") if saved[k] != now[k])
+    msg = (f"checkpoint {path} was trained on corpus {saved['corpus']} ({saved['corpus_desc']}) with tokenizer "
+           f"{saved['tokenizer']} ({saved['tokenizer_desc']}), but this run has corpus {now['corpus']} "
+           f"({now['corpus_desc']}) with tokenizer {now['tokenizer']} ({now['tokenizer_desc']})")
+    if not allow:
+        raise CorpusChangedError(f"{msg}: resume with the same data settings, or set data.allow_corpus_change=true "
+                                 f"to continue on the new {what} on purpose (e.g. fine-tuning)")
+    log(f"warning: {msg}; continuing on the new {what} (data.allow_corpus_change=true)")
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -168,12 +189,13 @@ class Checkpointer:
     def load(self, path: Path, model, opt) -> dict:
         """Load model, AdamW state and RNG streams in place (any layout); return step and samples consumed."""
         saved = verify(path)
+        meta = read_meta(path)
+        check_same_data(meta.get("data"), self.corpus.identity(), path, self.cfg.data.allow_corpus_change, self.log)
         check_shapes(saved, model, self.ctx, path)
         sd = {k: v for k, v in _full_state(model, opt, self.ctx).items() if k in saved or not k.startswith("rng.")}
         dcp.load(sd, checkpoint_id=str(path))
         loaded = {k.split(".")[1]: v for k, v in sd.items() if k.startswith("rng.")}
         model.rng.set_states({**model.rng.get_states(), **loaded})  # a stream not in it keeps its seed
-        meta = read_meta(path)
         return {"step": meta["step"], "consumed_samples": meta["consumed_samples"]}
 
     def save(self, step: int, model, opt, state: dict) -> None:
@@ -182,8 +204,9 @@ class Checkpointer:
         tmp = final.with_name(final.name + ".tmp")
         os.makedirs(tmp, exist_ok=True)
         sd = _full_state(model, opt, self.ctx)
-        meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "tokenizer": {"key": self.corpus.key,
-                "vocab_size": self.corpus.vocab_size}, "wandb_id": self.wandb_id,
+        meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "data": self.corpus.identity(),
+                "tokenizer": {"fingerprint": self.corpus.identity()["tokenizer"], "vocab_size": self.corpus.vocab_size},
+                "wandb_id": self.wandb_id,
                 "layout": {"dp": self.ctx.dp_size, "tp": self.ctx.tp_size, "sp": self.cfg.parallel.sp},
                 "torch": torch.__version__}
         finalize = lambda: self._finalize(tmp, final, meta)  # noqa: E731
@@ -205,7 +228,7 @@ class Checkpointer:
             if final.exists():  # a damaged checkpoint of this step that resume skipped: replace it
                 shutil.rmtree(final)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            shutil.copy(self.corpus.tokenizer_path, tmp / "tokenizer.model")
+            self.corpus.tokenizer().save(tmp)  # load_tokenizer(checkpoint) reads it back
             os.replace(tmp, final)
             self.log(f"saved checkpoint {final}")
             keep = self.cfg.checkpoint.keep

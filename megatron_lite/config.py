@@ -170,14 +170,20 @@ def _unknown_keys(node: object, prefix: str = ""):
 def validate(cfg: Config, world_size: int) -> None:
     """Raise ConfigError (one line: the value and the fix) for a configuration that cannot run.
 
-    Cheap and collective-free: call it on every rank before any process group exists."""
-    from megatron_lite.data import DataError, corpus_files
+    Cheap and collective-free: call it on every rank before any process group exists. With data.tokenizer,
+    it also sets data.vocab_size to the tokenizer's, which the model then uses."""
+    from megatron_lite.data import DataError, check_data
     from megatron_lite.model import ModelConfigError
     from megatron_lite.parallel import ParallelConfigError, check_world_size
 
     for key, known in _unknown_keys(cfg):
         raise ConfigError(f"unknown key {key}: nothing reads it; {known}")
     t, o = cfg.train, cfg.optim
+    # data (DataConfig's own checks, every path, the tokenizer) before the model's, which need the vocab size
+    try:
+        check_data(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     try:
         check_world_size(world_size, cfg.parallel.tp)
         gpt_config(cfg).validate(cfg.parallel.tp)
@@ -216,12 +222,6 @@ def validate(cfg: Config, world_size: int) -> None:
         _need(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
     _need(o.eps > 0, f"optim.eps={o.eps} must be > 0")
     _need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
-
-    # data (DataConfig's own checks, and that every path exists)
-    try:
-        corpus_files(cfg.data)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
 
     # logging, checkpoints, sampling
     _need(cfg.logging.every >= 1, f"logging.every={cfg.logging.every} must be >= 1")

@@ -3,14 +3,14 @@
     python -m megatron_lite.export runs/myrun [OUT_DIR]
 
 writes OUT_DIR (default `<checkpoint>/export`) with `model.safetensors` (full, unsharded weights),
-`config.json` (the GPTConfig) and `tokenizer.model`. DCP reshards the checkpoint, whatever layout saved
+`config.json` (the GPTConfig) and the tokenizer's files (`tokenizer.model`, or `tokenizer.json` and its
+configs). DCP reshards the checkpoint, whatever layout saved
 it, into a single-process model (T=1), whose state dict is written as is.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import load_model, resolve
 from .model import GPT, GPTConfig
 from .parallel import init_parallel
+from .tokenizer import load_tokenizer
 
 
 def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -30,7 +31,7 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(asdict(model.config), indent=1))
-    shutil.copy(ckpt / "tokenizer.model", out / "tokenizer.model")
+    load_tokenizer(ckpt).save(out)
     return out
 
 

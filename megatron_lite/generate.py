@@ -41,13 +41,12 @@ def main() -> None:
 
     One process (`python -m ...`) or several (`torchrun --nproc_per_node=N -m megatron_lite.generate --tp N`)."""
     import argparse
-    from pathlib import Path
 
     import torch.distributed as dist
 
     from .checkpoint import load_model, resolve
-    from .data import Tokenizer
     from .parallel import init_parallel
+    from .tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser(description="Sample text from a megatron-lite checkpoint.")
     ap.add_argument("checkpoint", help="a run directory or a step_NNNNNNN checkpoint directory")
@@ -64,7 +63,7 @@ def main() -> None:
     ctx = init_parallel(args.tp or int(os.environ.get("WORLD_SIZE", 1)), device=args.device)
     ckpt = resolve(args.checkpoint)
     model = load_model(ckpt, ctx, sequence_parallel=False)
-    tok = Tokenizer(Path(ckpt) / "tokenizer.model")
+    tok = load_tokenizer(ckpt)
     ids = generate(model, tok.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k or None, seed=args.seed)
     if ctx.is_first_rank:

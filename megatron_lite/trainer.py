@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import Checkpointer
 from .config import Config, gpt_config, grad_accum_steps
-from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, prepare_corpus
+from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, make_sampler, prepare_corpus
 from .generate import generate
 from .metrics import MetricsLogger
 from .model import GPT
@@ -48,8 +48,7 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
     torch.manual_seed(cfg.train.seed)
     log = MetricsLogger(cfg, ctx)
     log.info(f"layout: {ctx.describe()}")
-    corpus = prepare_corpus(cfg.data, is_first_rank=int(os.environ.get("LOCAL_RANK", 0)) == 0,
-                            barrier=dist.barrier, log=log.info)
+    corpus = prepare_corpus(cfg.data, log=log.info)  # one process builds, the others poll: no collective
     model = GPT(gpt_config(cfg), ctx)
     ddp = DDP(model, process_group=ctx.dp_group) if ctx.dp_size > 1 else None
     forward = ddp or model
@@ -67,8 +66,11 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
 
     accum = grad_accum_steps(cfg, ctx.world_size)
-    train_data = WindowSampler(corpus.train_tokens(), cfg.model.seq_len, cfg.train.seed, name="train")
-    val_data = WindowSampler(corpus.val_tokens(), cfg.model.seq_len, cfg.train.seed + 1, name="val")
+    train_data = make_sampler(cfg.data.sampling, corpus.train_tokens(), cfg.model.seq_len, cfg.train.seed, name="train")
+    val_data = make_sampler(cfg.data.sampling, corpus.val_tokens(), cfg.model.seq_len, cfg.train.seed + 1, name="val")
+    if cfg.data.sampling == "epoch":
+        log.info(f"data: epochs of {train_data.windows:,} windows ({train_data.windows / cfg.train.global_batch_size:,.1f} "
+                 f"steps); sample {state.consumed_samples:,} is in epoch {train_data.epoch(state.consumed_samples)}")
     autocast = _autocast(cfg, ctx)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
 
@@ -101,7 +103,8 @@ def _train(cfg: Config, ctx: ParallelContext) -> None:
         dt = time.perf_counter() - t0
         if state.step % cfg.logging.every == 0 or state.step in (1, cfg.train.steps):
             log.step(state.step, loss=loss_avg, lr=lr, grad_norm=norm_value, step_time=dt,
-                     tokens_per_sec=tokens_per_step / dt, consumed_samples=state.consumed_samples)
+                     tokens_per_sec=tokens_per_step / dt, consumed_samples=state.consumed_samples,
+                     epoch=train_data.epoch(state.consumed_samples - 1))
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps:
             log.eval(state.step, _evaluate(model, val_data, cfg, ctx, autocast))
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
