@@ -41,6 +41,7 @@ from .corpus import FORMAT_VERSION, check_data, corpus_key
 from .encode import Stats, encode_task, init_worker, sample_task
 from .lock import HeldLock, build_once
 from .progress import Progress, human_bytes
+from . import readers
 from .readers import tasks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -79,8 +80,8 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
 def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: Path | None, held: HeldLock,
            log: Callable[[str], None], bar: bool) -> None:
     t0 = time.time()
-    workers = cfg.workers or available_cores()
     total = sum(f.stat().st_size for f in files)
+    workers = min(cfg.workers or available_cores(), max(1, -(-total // readers.BLOCK)))  # not more than tasks
     state = _start(work, previous, log)
     with _pool(workers) as pool:
         if not state["tokenizer"]:
