@@ -6,7 +6,7 @@ Every tokenizer has `vocab_size`, `eos_id`, `bos_id` (or None), `encode(text)` (
 `decode(ids)`, `encode_document(text)` (what a document becomes in the token stream: BOS when the model's own
 convention puts one there, the ids, then EOS) and `save(directory)`, which copies its source files so that
 `load_tokenizer(directory)` reads the same tokenizer back. Checkpoints and exports carry their tokenizer this
-way. `fingerprint` hashes those files: two tokenizers with the same fingerprint give the same ids.
+way. `fingerprint` hashes the model file and the special-token choices: equal fingerprints, equal ids.
 
 The sentencepiece BPE is trained by `train_sentencepiece`, deterministically: the same lines give a
 byte-identical model in every process.
@@ -49,7 +49,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
+        raise NotImplementedError
 
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
@@ -59,6 +59,7 @@ class Tokenizer:
         return self.frame(self.encode(text), first=first, last=last)
 
     def frame(self, ids: list[int], *, first: bool = True, last: bool = True) -> list[int]:
+        """Encoded text as a document (or a part of one) of the token stream."""
         return ([self.bos_id] if first and self.add_bos else []) + ids + ([self.eos_id] if last else [])
 
     def save(self, directory: str | Path) -> None:
@@ -76,7 +77,7 @@ class Tokenizer:
         return h.hexdigest()[:16]
 
     def describe(self) -> str:
-        return f"{self.kind} tokenizer, {self.vocab_size} tokens ({', '.join(self.files)})"
+        raise NotImplementedError
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -203,6 +204,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def describe(self) -> str:
+        return f"Hugging Face {type(self.tk.model).__name__} tokenizer, {self.vocab_size} tokens"
 
 
 def tokenizer_files(path: str | Path) -> tuple[str, Path]:

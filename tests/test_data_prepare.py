@@ -420,7 +420,7 @@ def test_two_jobs_prepare_one_corpus_and_train_on_it_with_an_hf_tokenizer(two_jo
     cli = subprocess.run([sys.executable, "-m", "megatron_lite.data", *data], cwd=ROOT, env=env(), capture_output=True,
                          text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
-    assert f"data cache: {out}" in cli.stdout and "checksums verified" in cli.stdout and "hf tokenizer" in cli.stdout
+    assert f"data cache: {out}" in cli.stdout and "checksums verified" in cli.stdout and "Hugging Face BPE tokenizer" in cli.stdout
     print("\n" + cli.stdout)
 
 

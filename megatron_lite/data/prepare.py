@@ -18,6 +18,7 @@ resumed by the next one from where it stopped.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import heapq
 import json
@@ -27,7 +28,7 @@ import shutil
 import socket
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from itertools import islice
@@ -43,6 +44,7 @@ from .lock import HeldLock, build_once
 from .progress import Progress, human_bytes
 from . import readers
 from .readers import tasks
+from .split import SEGMENT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE = "progress.json"
@@ -139,10 +141,13 @@ def _start(work: Path, previous: Path | None, log) -> dict:
     work.mkdir(parents=True)
     for name in BINS:
         (work / name).touch()
-    fresh = {"tokenizer": False, "tasks": 0, "train.bin": 0, "val.bin": 0, "stats": asdict(Stats())}
+    fresh = {"tokenizer": False, "tasks": 0, "train.bin": 0, "val.bin": 0, "stats": asdict(Stats()),
+             "cuts": [readers.BLOCK, SEGMENT]}  # what a task is: resume only a build cut the same way
     try:
         state = json.loads((previous / STATE).read_text()) if previous else None
     except (OSError, ValueError):
+        state = None
+    if state is not None and state.get("cuts") != fresh["cuts"]:
         state = None
     if state is None:
         if previous:
@@ -200,24 +205,41 @@ def _pool(workers: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+
+
 def _ordered(pool, fn, items: Iterable, window: int) -> Iterator:
     """fn(item) for each item, in order, with at most `window` items in flight (items are pulled lazily:
-    unlike Pool.imap, which reads its whole input at once)."""
-    if pool is None:
-        yield from map(fn, items)
-        return
+    unlike Pool.imap, which reads its whole input at once).
+
+    After each task, freed heap pages go back to the OS: glibc raises its mmap threshold once the first
+    task-sized buffers are freed, so later ones come from the heap, which then fragments, and without the
+    trim the peak RSS would creep up with the number of tasks (measured: +20 MB from 8 to 32 MB of text)."""
     pending = deque()
     for item in items:
-        pending.append(pool.submit(fn, item))
+        pending.append(pool.submit(fn, item) if pool else _done(fn, item))
         if len(pending) >= window:
             yield pending.popleft().result()
+            if _malloc_trim:
+                _malloc_trim(0)
     while pending:
         yield pending.popleft().result()
 
 
+def _done(fn, item) -> Future:
+    future = Future()
+    try:
+        future.set_result(fn(item))
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
 def _sample(files, cfg: DataConfig, pool, window: int, progress: Progress) -> list[str]:
-    """Lines of the training segments of lowest sample_rank, up to cfg.max_tokenizer_chars, in rank order."""
+    """Lines of the distinct training segments of lowest sample_rank, up to cfg.max_tokenizer_chars, in rank
+    order (identical segments have the same rank: a segment repeated in the corpus enters the sample once)."""
     kept: list[tuple[int, int, list[str]]] = []  # max-heap on rank: (-rank, chars, lines)
+    ranks: set[int] = set()  # of the segments in `kept`
     chars, cutoff = 0, [2**64]  # a segment ranked at or above the cutoff can no longer make the sample
 
     def items():
@@ -226,11 +248,13 @@ def _sample(files, cfg: DataConfig, pool, window: int, progress: Progress) -> li
 
     for res in _ordered(pool, sample_task, items(), window):
         for rank, lines in res.candidates:
-            if rank < cutoff[0]:
+            if rank < cutoff[0] and rank not in ranks:
                 size = sum(len(ln) + 1 for ln in lines)
                 heapq.heappush(kept, (-rank, size, lines))
+                ranks.add(rank)
                 chars += size
                 while chars - kept[0][1] >= cfg.max_tokenizer_chars:  # the largest rank is not needed
+                    ranks.discard(-kept[0][0])
                     chars -= heapq.heappop(kept)[1]
                 if chars >= cfg.max_tokenizer_chars:
                     cutoff[0] = -kept[0][0]
