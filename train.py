@@ -16,6 +16,8 @@ Several nodes (run this on every node; TP stays inside a node, DP spans the node
 Your own text, a bigger model, wandb:
     torchrun --standalone --nproc_per_node=4 train.py data=text 'data.paths=[corpus/*.txt]' model=gpt2-small \\
         logging.wandb.mode=online
+Prepare a big corpus ahead of training (same overrides; train.py then finds the cache):
+    python -m megatron_lite.data data=text 'data.paths=[corpus/**/*.jsonl.gz]' data.workers=16
 Print the composed config (every key) without running:
     python train.py --cfg job
 

@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import shutil
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -226,6 +226,14 @@ def tokenizer_files(path: str | Path) -> tuple[str, Path]:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     kind, file = tokenizer_files(path)
+    file = file.resolve()
+    read = [file, *(file.parent / name for name in HF_CONFIGS if kind == "hf")]
+    return _load(kind, file, tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in read if f.is_file()))
+
+
+@lru_cache(maxsize=8)  # validation, the cache key and the build all ask; a Llama tokenizer.json is 9 MB
+def _load(kind: str, file: Path, stamp: tuple) -> Tokenizer:
+    """`stamp`: size and mtime of every file it reads, so that a changed file is read again."""
     return HFTokenizer(file) if kind == "hf" else SentencePieceTokenizer(file)
 
 
