@@ -5,7 +5,8 @@
     readers.py   the files cut into tasks of whole lines (or Parquet row groups); a task read into documents
     split.py     documents cut into segments; which segments are held out for validation
     encode.py    what a worker does with a task: segments -> token ids (or candidates for the tokenizer sample)
-    prepare.py   prepare_corpus: the tokenizer, the two parallel passes, resuming, meta.json
+    prepare.py   prepare_corpus: the build (tokenizer, tokens, meta.json) and resuming a dead builder's work
+    passes.py    the two parallel passes over the corpus (sampling for the tokenizer, tokenizing), in task order
     lock.py      exactly one builder across ranks, jobs and nodes; the others poll, with no timeout
     progress.py  rate, ETA, progress bar
     cache.py     TokenizedCorpus: a complete cache on disk, checked before use
