@@ -218,6 +218,9 @@ def _build(out: Path, held: HeldLock, build, check, log) -> bool:
         for g in _generations(root, key, "lock"):
             if g < held.gen:
                 (root / f"{key}.lock.{g}").unlink(missing_ok=True)
+        for stray in root.glob(f"{key}.lock.*.tmp"):  # of holders killed between writing and renaming
+            if held.token not in stray.name:
+                stray.unlink(missing_ok=True)
         (root / f"{key}.failed").unlink(missing_ok=True)
         return True
     except Exception as e:
