@@ -16,6 +16,8 @@ Several nodes (run this on every node; TP stays inside a node, DP spans the node
 Your own text, a bigger model, wandb:
     torchrun --standalone --nproc_per_node=4 train.py data=text 'data.paths=[corpus/*.txt]' model=gpt2-small \\
         logging.wandb.mode=online
+Prepare a big corpus ahead of training (same overrides; train.py then finds the cache):
+    python -m megatron_lite.data data=text 'data.paths=[corpus/**/*.jsonl.gz]' data.workers=16
 Print the composed config (every key) without running:
     python train.py --cfg job
 
@@ -37,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from megatron_lite.config import Config, ConfigError, validate  # also registers the schema with Hydra
+from megatron_lite.data import DataError
 
 
 def _fail(message: str, status: int = 2) -> None:
@@ -64,6 +67,8 @@ def main(dict_cfg: DictConfig) -> None:
         train(cfg)
     except (DivergenceError, CheckpointSaveError) as e:
         _fail(str(e), status=1)
+    except DataError as e:  # bad corpus content, or resuming on another corpus: found once the job has started
+        _fail(str(e))
 
 
 if __name__ == "__main__":

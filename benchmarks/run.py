@@ -1,4 +1,4 @@
-"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,3,4,5,6,7,8]`.
+"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,3,4,5,6,7,8,9]`.
 
 1. against the peer: train-step time of megatron-lite / PyTorch-native TP (DTensor), T=2, SP off and on
 2. communication: every collective of a train step, counted, against the Megatron analysis (theory.py)
@@ -12,6 +12,8 @@
    gradient finalization against the per-parameter hooks it replaced
 8. run guards (resilience.py): a train step with and without the hang watchdog and the per-step stop
    agreement, flight recorder off and on; each piece alone
+9. data preparation: throughput per worker against the tokenizer's own encode speed, 1 vs 2 workers; peak
+   memory and time of preparing a ~100 MB and a ~400 MB corpus (the stdlib source, repeated)
 
 CPU: gloo, N spawned processes with one thread each. GPUs: NCCL, one process per GPU; a job that needs more
 processes than there are GPUs runs on CPU (and says so). Sections 2 and 3 count things that do not depend
@@ -32,7 +34,7 @@ import torch
 from megatron_lite.model import GPTConfig
 from megatron_lite.resilience import FLIGHT_RECORDER_ENTRIES
 
-from . import guards, measure, theory, zero
+from . import data_prep, guards, measure, theory, zero
 from .launch import launch
 
 BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_heads=8, dropout=0.0, seed=0)
@@ -400,12 +402,49 @@ def section_guards(rep: Report, args, kw) -> dict:
                 expected_s=expected)
 
 
+def section_data(rep: Report, args) -> dict:
+    sizes, slice_mb = ([2, 8], 2) if args.quick else ([100, 400], 20)
+    settings = dict(vocab_size=512, max_tokenizer_chars=10**6) if args.quick else {}  # else: the defaults
+    cores = os.cpu_count() or 1
+    rep("== 9. data preparation (megatron_lite.data) of Python source: this machine's stdlib .py files, copied to size")
+    rep(f"   each preparation a fresh process, data.workers = cores ({cores}) unless said; rates per CPU-second count "
+        f"the preparing process and its workers (the wall-clock rate depends on the machine's load)")
+    res = data_prep.run(Path(args.out).parent / "data_prep", sizes, slice_mb, **settings)
+    raw, w = res["raw"], res["workers"]
+    rep(f"-- a. tokenizing {raw['bytes'] / 1e6:.1f} MB with a given tokenizer (the BPE of b.), against its own encode")
+    rows = [["sentencepiece encode, 1 thread (the limit)", "", f"{raw['sentencepiece']:.2f}", "1.000"],
+            ["Tokenizer.encode_batch (+ <n> joins)", "", f"{raw['encode_batch']:.2f}",
+             f"{raw['encode_batch'] / raw['sentencepiece']:.3f}"]]
+    for n, r in w.items():
+        rows.append([f"prepare_corpus, {n} worker{'s' if n > 1 else ' (in-process)'}", f"{r['mb_s']:.2f}",
+                     f"{r['mb_cpu_s']:.2f}", f"{r['mb_cpu_s'] / raw['sentencepiece']:.3f}"])
+    rep.table(["contender", "MB/s (wall)", "MB per CPU-second", "vs the limit"], rows)
+    over = 1 - w[1]["mb_cpu_s"] / raw["sentencepiece"]
+    rep(f"   verdict: pipeline overhead per worker (1 worker vs the limit, per CPU-second) {100 * over:.1f}% "
+        f"({'met' if over <= 0.10 else 'NOT met'}: goal <= 10%); 2 workers / 1 worker, wall clock: "
+        f"{w[2]['mb_s'] / w[1]['mb_s']:.2f}x on {cores} cores (load average now {os.getloadavg()[0]:.1f})")
+    rep("-- b. the whole preparation, default data settings (sample, train the BPE on <= 20M characters, tokenize)"
+        if not args.quick else "-- b. the whole preparation (--quick: vocab 512, sample <= 1M characters)")
+    rows = [[f"{r['corpus_bytes'] / 1e6:.0f} MB", f"{r['seconds']:.1f}", f"{r['corpus_bytes'] / r['seconds'] / 1e6:.2f}",
+             f"{r['main_kib'] / 1024:.0f}", f"{r['worker_kib'] / 1024:.0f}",
+             f"{(r['main_kib'] + cores * r['worker_kib']) / 1024:.0f}"] for r in res["sizes"]]
+    rep.table(["corpus", "s", "MB/s", "peak RSS MiB: main", "largest worker", f"main + {cores} x largest worker"], rows)
+    small, big = res["sizes"]
+    ratio = big["main_kib"] / small["main_kib"], big["worker_kib"] / small["worker_kib"]
+    bound = (big["main_kib"] + cores * big["worker_kib"]) / 2**20
+    rep(f"   verdict: for {big['corpus_bytes'] / small['corpus_bytes']:.1f}x the corpus, peak memory x{ratio[0]:.3f} "
+        f"(main), x{ratio[1]:.3f} (worker) ({'met' if max(ratio) <= 1.10 else 'NOT met'}: goal within 10%); all "
+        f"processes together at most {bound:.2f} GiB ({'met' if bound < 1 else 'NOT met'}: goal < 1 GB)")
+    rep()
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
     p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated subset of 1..8")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="comma-separated subset of 1..9")
     p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
@@ -456,6 +495,8 @@ def main(argv=None) -> dict:
         result["zero"] = section_zero(rep, args, kw)
     if 8 in sections:
         result["guards"] = section_guards(rep, args, kw)
+    if 9 in sections:
+        result["data"] = section_data(rep, args)
     info["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0
     rep(f"total {result['wall_s']:.0f} s; load average at end {info['loadavg_end'][0]:.2f}; numbers in {args.out}")

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .data import DataError
 from .hf import hf_model_config, is_hf_model_dir, load_hf_weights
 from .tensor_parallel import tp_partition_dim
 
@@ -82,6 +83,26 @@ def _os_error(e: BaseException) -> str:
         rank, (inner, _) = min(e.failures.items())
         return f"rank {rank}: {inner}"
     return str(e)
+
+
+class CorpusChangedError(DataError):
+    """Resuming on another corpus or tokenizer than the checkpoint's, without data.allow_corpus_change."""
+
+
+def check_same_data(saved: dict | None, now: dict, path: Path, allow: bool, log=print) -> None:
+    """Stop (or, with data.allow_corpus_change, warn) when checkpoint `path` was trained on other data.
+
+    `saved`/`now` are TokenizedCorpus.identity() dicts; checkpoints from before they were recorded pass."""
+    if saved is None or (saved["corpus"], saved["tokenizer"]) == (now["corpus"], now["tokenizer"]):
+        return
+    what = " and ".join(k for k in ("corpus", "tokenizer") if saved[k] != now[k])
+    msg = (f"checkpoint {path} was trained on corpus {saved['corpus']} ({saved['corpus_desc']}) with tokenizer "
+           f"{saved['tokenizer']} ({saved['tokenizer_desc']}), but this run has corpus {now['corpus']} "
+           f"({now['corpus_desc']}) with tokenizer {now['tokenizer']} ({now['tokenizer_desc']})")
+    if not allow:
+        raise CorpusChangedError(f"{msg}: resume with the same data settings, or set data.allow_corpus_change=true "
+                                 f"to continue on the new {what} on purpose (e.g. fine-tuning)")
+    log(f"warning: {msg}; continuing on the new {what} (data.allow_corpus_change=true)")
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -232,8 +253,9 @@ class Checkpointer:
         if is_hf_model_dir(path):
             load_hf_weights(model, path)
             return {"step": 0, "consumed_samples": 0}
-        load_state(path, model, opt, self.ctx)
         meta = read_meta(path)
+        check_same_data(meta.get("data"), self.corpus.identity(), path, self.cfg.data.allow_corpus_change, self.log)
+        load_state(path, model, opt, self.ctx)
         if path.parent == self.root:  # this run's own checkpoint: a stop right away needs no new save
             self.saved_step = meta["step"]
         return {"step": meta["step"], "consumed_samples": meta["consumed_samples"]}
@@ -253,8 +275,9 @@ class Checkpointer:
         final = self.root / f"step_{step:07d}"
         tmp = final.with_name(final.name + ".tmp")  # DCP creates it, inside its agreed planning step
         sd = _full_state(model, opt, self.ctx)
-        meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "tokenizer": {"key": self.corpus.key,
-                "vocab_size": self.corpus.vocab_size}, "wandb_id": self.wandb_id,
+        meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "data": self.corpus.identity(),
+                "tokenizer": {"fingerprint": self.corpus.identity()["tokenizer"], "vocab_size": self.corpus.vocab_size},
+                "wandb_id": self.wandb_id,
                 "layout": {"dp": self.ctx.dp_size, "tp": self.ctx.tp_size, "sp": self.cfg.parallel.sp},
                 "torch": torch.__version__}
         job = self.pending = _Save(step, tmp)
@@ -283,7 +306,7 @@ class Checkpointer:
         if final.exists():  # a damaged checkpoint of this step that resume skipped: replace it
             shutil.rmtree(final)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.copy(self.corpus.tokenizer_path, tmp / "tokenizer.model")
+        self.corpus.tokenizer().save(tmp)  # load_tokenizer(checkpoint) reads it back
         os.replace(tmp, final)
         self.log(f"saved checkpoint {final}")
         keep = self.cfg.checkpoint.keep

@@ -200,8 +200,10 @@ def _unknown_keys(node: object, prefix: str = ""):
 def validate(cfg: Config, world_size: int) -> None:
     """Raise ConfigError (one line: the value and the fix) for a configuration that cannot run.
 
-    Cheap and collective-free: call it on every rank before any process group exists."""
-    from megatron_lite.data import DataError, corpus_files
+    Cheap and collective-free: call it on every rank before any process group exists. With data.tokenizer,
+    it also sets data.vocab_size to the tokenizer's, which the model then uses; with an HF model directory as
+    checkpoint.load and no data.tokenizer, that directory's tokenizer is the run's."""
+    from megatron_lite.data import DataError, check_data
     from megatron_lite.hf import HFError, is_hf_model_dir, weight_files
     from megatron_lite.model import ModelConfigError
     from megatron_lite.parallel import ParallelConfigError, check_world_size
@@ -213,16 +215,27 @@ def validate(cfg: Config, world_size: int) -> None:
     _need(c.load is None or Path(c.load).exists(), f"checkpoint.load={c.load} does not exist: fix the path")
     _need(cfg.parallel.zero in (0, 1), f"parallel.zero={cfg.parallel.zero} must be 0 (AdamW state replicated over "
           f"DP) or 1 (distributed optimizer: each DP rank keeps 1/DP of the AdamW state)")
+    hf_load = c.load is not None and is_hf_model_dir(c.load)
+    if hf_load and cfg.data.tokenizer is None:
+        cfg.data.tokenizer = c.load  # fine-tuning: the corpus is tokenized with the model's own tokenizer
+    # data (DataConfig's own checks, every path, the tokenizer) before the model's, which need the vocab size
+    try:
+        check_data(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     try:
         check_world_size(world_size, cfg.parallel.tp)
         model = gpt_config(cfg)
         model.validate(cfg.parallel.tp)
-        if c.load and is_hf_model_dir(c.load):
+        if hf_load:
             weight_files(Path(c.load))
     except (ParallelConfigError, ModelConfigError, HFError) as e:
         raise ConfigError(str(e)) from None
     except (KeyError, ValueError) as e:  # a config.json without a key its architecture needs, or not JSON
         raise ConfigError(f"checkpoint.load={c.load}: cannot read its config.json ({type(e).__name__}: {e})") from None
+    _need(cfg.data.vocab_size <= model.vocab_size,
+          f"data.tokenizer={cfg.data.tokenizer} has {cfg.data.vocab_size} tokens, more than the {model.vocab_size} rows "
+          f"of the model's embedding in checkpoint.load={c.load}: use that model's own tokenizer")
     _need(cfg.model.seq_len <= model.seq_len,
           f"model.seq_len={cfg.model.seq_len} exceeds the context of the model in checkpoint.load={c.load} "
           f"({model.seq_len} positions): use model.seq_len<={model.seq_len}")
@@ -271,12 +284,6 @@ def validate(cfg: Config, world_size: int) -> None:
         _need(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
     _need(o.eps > 0, f"optim.eps={o.eps} must be > 0")
     _need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
-
-    # data (DataConfig's own checks, and that every path exists)
-    try:
-        corpus_files(cfg.data)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
 
     # logging, checkpoints, sampling
     _need(cfg.logging.every >= 1, f"logging.every={cfg.logging.every} must be >= 1")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from .checkpoint import CheckpointError, load_model, model_config, resolve
 from .hf import HFError, hf_config, hf_state_dict
 from .hf_tokenizer import write_hf_tokenizer
 from .parallel import init_parallel
-from .tokenizer import HF_TOKENIZER_FILES, load_tokenizer
+from .tokenizer import SP_FILE, SentencePieceTokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,12 +39,10 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None, dtype: str
     state = {k: v.to(DTYPES[dtype]) for k, v in hf_state_dict(model).items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    if (ckpt / "tokenizer.json").is_file():
-        for name in HF_TOKENIZER_FILES:
-            if (ckpt / name).is_file():
-                shutil.copy(ckpt / name, out / name)
-    else:
-        write_hf_tokenizer(ckpt / "tokenizer.model", out)
+    if isinstance(tok, SentencePieceTokenizer):  # trained here: as a tokenizer.json with the same ids
+        write_hf_tokenizer(tok.files[SP_FILE], out)
+    else:  # an HF model's own tokenizer: its files as they are
+        tok.save(out)
     return out
 
 

@@ -94,7 +94,7 @@ def main() -> None:
         sys.exit(2)
     ctx = init_parallel(args.tp or int(os.environ.get("WORLD_SIZE", 1)), device=args.device)
     model = load_model(ckpt, ctx, sequence_parallel=False)
-    prompt = tok.encode_prompt(args.prompt)
+    prompt = tok.frame(tok.encode(args.prompt), last=False)  # with BOS where the model expects it (Llama)
     t0 = time.perf_counter()
     ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                    seed=args.seed, eos_id=tok.eos_id, use_cache=not args.no_cache)

@@ -115,19 +115,22 @@ class MetricsLogger:
             with open(path, "w") as f:
                 f.writelines(lines)
 
-    def step(self, step: int, *, loss, lr, grad_norm, step_time, tokens_per_sec, consumed_samples) -> None:
+    def step(self, step: int, *, loss, lr, grad_norm, step_time, tokens_per_sec, consumed_samples,
+             epoch: int | None = None) -> None:
         if not self.active:
             return
         ctx = self.ctx
         record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec,
                       ms_per_step=1000 * step_time, consumed_samples=consumed_samples,
                       mem_gb=memory_gb(ctx.device))
+        if epoch is not None:  # data.sampling=epoch: the epoch of the step's last sample
+            record["epoch"] = epoch
         if self.peak:
             record["mfu"] = self.flops_per_step / step_time / (self.peak * ctx.world_size)
         mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
         self.info(f"step {step:>6}/{self.cfg.train.steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
                   f"{grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s | {1000 * step_time:.0f} ms/step{mfu} | "
-                  f"mem {record['mem_gb']:.2f} GiB")
+                  f"mem {record['mem_gb']:.2f} GiB" + (f" | epoch {epoch}" if epoch is not None else ""))
         self._log(record)
 
     def eval(self, step: int, val_loss: float) -> None:

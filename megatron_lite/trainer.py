@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer
 from .config import Config, gpt_config, grad_accum_steps
-from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, prepare_corpus
+from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, make_sampler, prepare_corpus
 from .generate import generate
 from .hf import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
@@ -57,8 +57,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     log = MetricsLogger(cfg, ctx)
     agreement = guard.start(ctx, log)
     log.info(f"layout: {ctx.describe()}")
-    corpus = prepare_corpus(cfg.data, is_first_rank=int(os.environ.get("LOCAL_RANK", 0)) == 0,
-                            barrier=dist.barrier, log=log.info)
+    corpus = prepare_corpus(cfg.data, log=log.info)  # one process builds, the others poll: no collective
     model = GPT(gpt_config(cfg), ctx)
     opt = build_optimizer(model, cfg.optim, ctx, zero=cfg.parallel.zero)
     forward = opt.module  # DDP(model) under zero=0 with DP > 1, else the model
@@ -80,8 +79,11 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     guard.write_status("running")
 
     accum = grad_accum_steps(cfg, ctx.world_size)
-    train_data = WindowSampler(corpus.train_tokens(), cfg.model.seq_len, cfg.train.seed, name="train")
-    val_data = WindowSampler(corpus.val_tokens(), cfg.model.seq_len, cfg.train.seed + 1, name="val")
+    train_data = make_sampler(cfg.data.sampling, corpus.train_tokens(), cfg.model.seq_len, cfg.train.seed, name="train")
+    val_data = make_sampler(cfg.data.sampling, corpus.val_tokens(), cfg.model.seq_len, cfg.train.seed + 1, name="val")
+    if cfg.data.sampling == "epoch":
+        log.info(f"data: epochs of {train_data.windows:,} windows ({train_data.windows / cfg.train.global_batch_size:,.1f} "
+                 f"steps); sample {state.consumed_samples:,} is in epoch {train_data.epoch(state.consumed_samples)}")
     autocast = _autocast(cfg, ctx)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
 
@@ -115,7 +117,8 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         dt = time.perf_counter() - t0
         if state.step % cfg.logging.every == 0 or state.step in (1, cfg.train.steps):
             log.step(state.step, loss=loss_avg, lr=lr, grad_norm=norm_value, step_time=dt,
-                     tokens_per_sec=tokens_per_step / dt, consumed_samples=state.consumed_samples)
+                     tokens_per_sec=tokens_per_step / dt, consumed_samples=state.consumed_samples,
+                     epoch=train_data.epoch(state.consumed_samples - 1))
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps:
             guard.arm(f"evaluation after step {state.step}")
             log.eval(state.step, _evaluate(model, val_data, cfg, ctx, autocast))
@@ -159,8 +162,8 @@ def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger
     if s.max_new_tokens == 0:
         return
     tok = corpus.tokenizer()
-    ids = generate(model, tok.encode(s.prompt), s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                   seed=cfg.train.seed)
+    ids = generate(model, tok.frame(tok.encode(s.prompt), last=False), s.max_new_tokens, temperature=s.temperature,
+                   top_k=s.top_k, seed=cfg.train.seed, eos_id=tok.eos_id)
     log.info("sample:\n" + tok.decode(ids))
 
 

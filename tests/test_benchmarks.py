@@ -2,6 +2,7 @@
 activation memory equals the adapted Korthikanti formula (and falls as 1/T under SP)."""
 import json
 
+import pytest
 import torch
 
 from distributed import run_distributed
@@ -124,3 +125,13 @@ def _optimizations_worker():
 def test_optimization_contenders_compute_the_same_losses():
     """Section 6: overlap on/off, DDP bucket caps and recompute modes change the schedule, not the math."""
     run_distributed(_optimizations_worker, 2)
+
+
+@pytest.mark.slow
+def test_data_preparation_section_runs_and_prints(tmp_path):
+    """Section 9 at --quick sizes runs and reports both corpus sizes and both worker counts."""
+    out = tmp_path / "bench.json"
+    res = run.main(["--quick", "--sections", "9", "--out", str(out)])["data"]
+    assert [r["mb"] for r in res["sizes"]] == [2, 8] and set(res["workers"]) == {1, 2}
+    assert res["workers"][1]["text_bytes"] == res["workers"][2]["text_bytes"] > 2e6
+    assert any("== 9. data preparation" in line for line in json.loads(out.read_text())["report"])

@@ -343,7 +343,7 @@ def ctx1():
 def test_export_loads_in_transformers_with_the_sharded_models_loss(ref, tmp_path, ctx1):
     transformers = pytest.importorskip("transformers")
     from megatron_lite.checkpoint import load_model
-    from megatron_lite.data import Tokenizer
+    from megatron_lite.tokenizer import load_tokenizer
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "megatron_lite.export", str(ref), str(out)], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=120)
@@ -373,7 +373,7 @@ def test_export_loads_in_transformers_with_the_sharded_models_loss(ref, tmp_path
     assert math.isclose(loss_hf, loss_t1, rel_tol=1e-6) and math.isclose(loss_t1, loss_tp2["loss"], rel_tol=1e-5)
     assert 5 < loss_t1 < 10  # a trained-a-little model, not a broken one
 
-    ours = Tokenizer(step_dir(ref, 8) / "tokenizer.model")
+    ours = load_tokenizer(step_dir(ref, 8))
     text = "import os\n\ndef main():\n\tprint('naïve  <n> </s>')\n"
     assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == ours.encode(text)
 

@@ -1,4 +1,6 @@
-"""Data pipeline: corpus discovery, tokenizer determinism, the token cache, and DP-independent sampling."""
+"""Data pipeline: corpus discovery, tokenizer determinism, the token cache, the validation split, and
+DP-independent sampling (random windows and epochs). Preparation at scale (formats, workers, locks, memory):
+test_data_prepare.py."""
 import json
 import subprocess
 import sys
@@ -9,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_lite.data import (DataConfig, DataError, WindowSampler, _split_documents, corpus_files,
-                                dp_sample_indices, prepare_corpus)
+from megatron_lite.data import (DataConfig, DataError, EpochSampler, WindowSampler, corpus_files, dp_sample_indices,
+                                prepare_corpus)
+from megatron_lite.data.split import SEGMENT, is_val, segments
 
 REPO = Path(__file__).resolve().parent.parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -24,10 +27,9 @@ def small_cfg(cache_dir, **kw) -> DataConfig:
                       cache_dir=str(cache_dir), **kw)
 
 
-def prepare(cfg, first=True):
-    logs, barriers = [], []
-    corpus = prepare_corpus(cfg, is_first_rank=first, barrier=lambda: barriers.append(1), log=logs.append)
-    assert len(barriers) == 1
+def prepare(cfg):
+    logs = []
+    corpus = prepare_corpus(cfg, log=logs.append)
     return corpus, " ".join(logs)
 
 
@@ -35,7 +37,7 @@ def prepare(cfg, first=True):
 def small(tmp_path_factory):
     cfg = small_cfg(tmp_path_factory.mktemp("cache"))
     corpus, log = prepare(cfg)
-    assert "training tokenizer" in log
+    assert "training the tokenizer" in log
     return cfg, corpus
 
 
@@ -95,7 +97,9 @@ def test_prepare_corpus_cache_and_round_trip(small):
     assert train.dtype == np.uint16 and len(train) > 10_000 and len(val) > 100
     assert int(train.max()) < cfg.vocab_size and int(val.max()) < cfg.vocab_size
     tok = corpus.tokenizer()
-    assert tok.vocab_size == cfg.vocab_size and (train == tok.eos_id).sum() == len(SMALL) - 1
+    assert tok.vocab_size == cfg.vocab_size == corpus.vocab_size and corpus.meta["documents"] == len(SMALL)
+    assert train[-1] == val[-1] == tok.eos_id  # every document (and every piece held out of one) ends with EOS
+    assert (train == tok.eos_id).sum() + (val == tok.eos_id).sum() >= len(SMALL)
     assert tok.decode(tok.encode(SNIPPET)) == SNIPPET
     source = (STDLIB / "textwrap.py").read_text()
     assert tok.decode(tok.encode(source)) == source
@@ -103,28 +107,42 @@ def test_prepare_corpus_cache_and_round_trip(small):
     assert len(tok.encode(source)) < len(source) / 1.5  # even 512 pieces compress code
 
 
-def test_other_rank_opens_cache_and_fails_without_one(small, tmp_path):
-    cfg, corpus = small
-    assert prepare(cfg, first=False)[0] == corpus
-    with pytest.raises(DataError, match="first rank"):
-        prepare(small_cfg(tmp_path), first=False)
-
-
-def test_partial_cache_is_rebuilt(small, tmp_path):
-    """A directory without DONE (a crashed preparation) is never used."""
+@pytest.mark.parametrize("damage", ["no DONE", "truncated"])
+def test_damaged_cache_is_set_aside_and_rebuilt(small, tmp_path, damage):
+    """A cache without DONE (a crash) or with a file shorter than meta.json says is never trained on: it is
+    moved aside (not deleted: another job may have it open) and prepared again."""
     cfg = small_cfg(tmp_path)
     corpus = prepare(cfg)[0]
-    (corpus.train_path.parent / "DONE").unlink()
-    corpus.train_path.write_bytes(b"\xff\xff" * 10)
+    if damage == "no DONE":
+        (corpus.path / "DONE").unlink()
+    else:
+        corpus.train_path.write_bytes(corpus.train_path.read_bytes()[:-2])
     rebuilt, log = prepare(cfg)
-    assert "training tokenizer" in log and (rebuilt.train_path.parent / "DONE").exists()
+    assert "is damaged" in log and "training the tokenizer" in log and rebuilt.path == corpus.path
     assert np.array_equal(rebuilt.train_tokens(), small[1].train_tokens())
+    assert len(list(tmp_path.glob(f"{corpus.key}.damaged.*"))) == 1
+    rebuilt.verify_checksums()
 
 
-def test_single_file_holds_out_its_tail():
-    text = "".join(f"line {i}\n" for i in range(100))
-    train, val = _split_documents([text], 0.1)
-    assert train[0] + val[0] == text and val[0].startswith("line 9") and val[0].count("\n") == 10
+def test_segments_cut_at_line_starts():
+    doc = b"".join(b"%05d %s\n" % (i, b"x" * (i % 50)) for i in range(2000))
+    segs = segments(doc, 0)
+    assert b"".join(s for _, s in segs) == doc and len(segs) == len(doc) // SEGMENT + 1
+    starts = np.cumsum([0] + [len(s) for _, s in segs[:-1]])
+    for (j, s), start in zip(segs, starts):
+        assert j == start // SEGMENT and (start == 0 or doc[start - 1:start] == b"\n") and s.endswith(b"\n")
+    # the same segments when the document is read in two pieces cut at a segment start (as tasks cut files)
+    cut = doc.index(b"\n", 5 * SEGMENT - 1) + 1
+    assert segments(doc[:cut], 0) + segments(doc[cut:], cut) == segs
+
+
+def test_long_documents_give_val_fraction_of_their_segments():
+    for f in (0.05, 0.1, 0.3):
+        for u in (0.0, 0.37, 0.99):
+            held = sum(is_val(j, u, f) for j in range(1000))
+            assert held in (int(1000 * f), int(1000 * f) + 1), (f, u, held)
+    # a one-segment document is held out for u >= 1 - f: with probability f over documents
+    assert [is_val(0, u, 0.1) for u in (0.0, 0.89, 0.9, 0.95)] == [False, False, True, True]
 
 
 def test_window_sampler_is_a_function_of_seed_and_index():
@@ -162,3 +180,44 @@ def test_data_order_does_not_depend_on_dp_size(dp_size):
 def test_too_short_corpus_raises():
     with pytest.raises(DataError, match=r"10 tokens.*seq_len"):
         WindowSampler(np.arange(10, dtype=np.uint16), 10, seed=0)
+    with pytest.raises(DataError, match=r"val data has 10 tokens.*data.val_fraction"):
+        EpochSampler(np.arange(10, dtype=np.uint16), 10, seed=0, name="val")
+
+
+def test_epoch_mode_visits_every_window_once_per_epoch():
+    seq, n_tokens = 8, 8 * 37 + 1 + 5  # 37 windows; the 5 tokens at the end are never a window start
+    sampler = EpochSampler(np.arange(n_tokens, dtype=np.uint32), seq, seed=3)
+    assert sampler.windows == 37
+    for epoch in range(3):
+        idx = range(epoch * 37, (epoch + 1) * 37)
+        starts = [sampler.offset(i) for i in idx]
+        assert sorted(starts) == [k * seq for k in range(37)], epoch  # each window exactly once
+        assert {sampler.epoch(i) for i in idx} == {epoch}
+        x, y = sampler.batch(list(idx))
+        assert torch.equal(x[:, 1:], y[:, :-1]) and int(y.max()) < n_tokens
+    orders = [[sampler.offset(i) for i in range(e * 37, (e + 1) * 37)] for e in range(2)]
+    assert orders[0] != orders[1]  # a new permutation each epoch
+    # a fresh sampler (a resumed run) at any position gives the same windows, in any order of asking
+    again = EpochSampler(np.arange(n_tokens, dtype=np.uint32), seq, seed=3)
+    assert [again.offset(i) for i in (80, 3, 40, 36, 37)] == [sampler.offset(i) for i in (80, 3, 40, 36, 37)]
+
+
+@pytest.mark.parametrize("resume_at, dp_sizes", [(0, (1,)), (3, (1, 2)), (7, (4, 1))])
+def test_epoch_order_resumes_at_any_step_and_dp_size(resume_at, dp_sizes):
+    """A run that changes DP size at step `resume_at` sees the same samples as one that never stopped."""
+    tokens = np.arange(8 * 50 + 1, dtype=np.uint16)
+    global_batch, micro = 8, 2
+    reference = EpochSampler(tokens, 8, seed=5)
+    expected = [reference.window(i)[0] for i in range(12 * global_batch)]  # 12 steps: two epochs of 50 windows
+    seen = []
+    for step in range(12):
+        dp = dp_sizes[0] if step < resume_at else dp_sizes[-1]
+        if step in (0, resume_at):  # a fresh process: the position is all it knows
+            sampler = EpochSampler(tokens, 8, seed=5)
+        step_samples = {}
+        for rank in range(dp):
+            for m in range(global_batch // (micro * dp)):
+                idx = dp_sample_indices(step * global_batch, m, micro, rank, dp)
+                step_samples.update(zip(idx, sampler.batch(idx)[0]))
+        seen += [step_samples[i] for i in sorted(step_samples)]
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected)) and len(seen) == len(expected)

@@ -173,12 +173,12 @@ def test_hf_to_megatron_lite_to_hf_is_bitwise_with_the_same_keys(tmp_path):
 
 
 def test_exported_tokenizer_gives_our_ids_through_autotokenizer(tmp_path):
-    from megatron_lite.data import Tokenizer, _train_tokenizer
+    from megatron_lite.tokenizer import SentencePieceTokenizer, train_sentencepiece
     from megatron_lite.hf_tokenizer import write_hf_tokenizer
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     text = "".join((stdlib / f).read_text() for f in ("argparse.py", "textwrap.py", "csv.py"))
-    (tmp_path / "tokenizer.model").write_bytes(_train_tokenizer([ln for ln in text.split("\n") if ln], 1000))
-    ours = Tokenizer(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer.model").write_bytes(train_sentencepiece([ln for ln in text.split("\n") if ln], 1000))
+    ours = SentencePieceTokenizer(tmp_path / "tokenizer.model")
     write_hf_tokenizer(tmp_path / "tokenizer.model", tmp_path / "hf")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     awkward = ["hello world", "  two  spaces  ", "\ttabs\tand\n\nnewlines\n", "\n", "", " ", "trailing   ",

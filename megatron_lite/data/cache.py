@@ -1,0 +1,109 @@
+"""A prepared corpus on disk: `<cache_dir>/<key>/` with meta.json, the tokenizer's files, train.bin, val.bin.
+
+train.bin and val.bin are raw token ids (np.memmap-able) in meta["dtype"]. A cache counts as complete when it
+has DONE and every file meta.json names has the size it records; anything else (a truncated copy, a
+deleted file) is reported and prepared again rather than trained on. meta.json also holds each file's
+sha256, which `verify_checksums` compares (the preparation command does; training only checks sizes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..tokenizer import Tokenizer, load_tokenizer
+from .config import DataError
+
+BINS = ("train.bin", "val.bin")
+
+
+def problem(path: Path) -> str | None:
+    """None when the cache at `path` is complete, else what is missing or wrong."""
+    if not (path / "DONE").is_file():
+        return "missing" if not path.exists() else "incomplete: no DONE"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        expected = {name: meta[f"{name.split('.')[0]}_tokens"] * np.dtype(meta["dtype"]).itemsize for name in BINS}
+        expected.update({name: size for name, size in meta["tokenizer"]["files"].items()})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is unreadable ({e})"
+    for name, size in expected.items():
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            return f"{name} is {'missing' if actual is None else f'{actual} bytes'}, meta.json says {size}"
+    return None
+
+
+@dataclass
+class TokenizedCorpus:
+    path: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, path: Path) -> "TokenizedCorpus":
+        wrong = problem(path)
+        if wrong is not None:
+            raise DataError(f"data cache {path} cannot be used: {wrong}")
+        return cls(path, json.loads((path / "meta.json").read_text()))
+
+    @property
+    def key(self) -> str:
+        return self.path.name
+
+    @property
+    def train_path(self) -> Path:
+        return self.path / "train.bin"
+
+    @property
+    def val_path(self) -> Path:
+        return self.path / "val.bin"
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["tokenizer"]["vocab_size"]
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.path)
+
+    def train_tokens(self) -> np.ndarray:
+        return np.memmap(self.train_path, dtype=self.dtype, mode="r")
+
+    def val_tokens(self) -> np.ndarray:
+        return np.memmap(self.val_path, dtype=self.dtype, mode="r")
+
+    def identity(self) -> dict:
+        """What a checkpoint records: the corpus (its text and split) and the tokenizer, each with a description."""
+        m, t = self.meta, self.meta["tokenizer"]
+        paths = f" {m['paths'][0]}" + (f" (+{len(m['paths']) - 1} more)" if len(m["paths"]) > 1 else "") if m["paths"] else ""
+        files = f"{m['files']} file{'s' if m['files'] != 1 else ''}"
+        return {"corpus": m["corpus"], "tokenizer": t["fingerprint"], "corpus_desc": f"{m['name']}{paths}, {files}",
+                "tokenizer_desc": t["describe"]}
+
+    def verify_checksums(self) -> None:
+        for name in BINS:
+            h = hashlib.sha256()
+            with open(self.path / name, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+            if h.hexdigest() != self.meta["sha256"][name]:
+                raise DataError(f"data cache {self.path}: {name} does not match its checksum in meta.json: the "
+                                f"file was changed after preparation; delete {self.path} to prepare it again")
+
+    def summary(self) -> str:
+        m, t = self.meta, self.meta["tokenizer"]
+        train, val = m["train_tokens"], m["val_tokens"]
+        return "\n".join([
+            f"data cache: {self.path}",
+            f"  corpus:    {self.identity()['corpus_desc']}: {m['documents']:,} documents, {m['text_bytes'] / 1e6:,.1f} MB "
+            f"of text (fingerprint {m['corpus']})",
+            f"  tokenizer: {t['describe']} (fingerprint {t['fingerprint']})",
+            f"  tokens:    {train:,} train + {val:,} validation ({100 * val / max(train + val, 1):.1f}%), {m['dtype']}; "
+            f"{m['text_bytes'] / max(train + val, 1):.2f} bytes of text per token",
+            f"  prepared in {m['seconds']:.1f} s with {m['workers']} worker{'s' if m['workers'] != 1 else ''}"])

@@ -1,0 +1,123 @@
+"""What a worker does with a task: documents -> segments -> train/validation runs -> token ids.
+
+Within a document, each maximal run of consecutive segments on the same side of the split is one document of
+that side's token stream: `tok.encode_document(run)` (BOS if the tokenizer's convention has one, the ids,
+EOS). A run cut by a task boundary (a plain-text file longer than readers.BLOCK) is encoded in parts, with
+BOS only on the first and EOS only on the last; for the sentencepiece tokenizer, whose lines are encoded
+independently, that is exactly the encoding of the whole run.
+
+The same functions run in worker processes (spawned: a worker never inherits a parent's threads) or, with one
+worker, in the calling process; they return the same arrays either way.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from ..tokenizer import MAX_LINE_CHARS, Tokenizer, load_tokenizer
+from .readers import Doc, Piece, documents
+from .split import SEGMENT, content_hash, is_val, phase, sample_rank, segments
+
+HASH_MOD = 2**128
+
+
+@dataclass
+class Stats:
+    documents: int = 0
+    text_bytes: int = 0
+    segments: int = 0
+    val_segments: int = 0
+    content: int = 0  # sum of the segments' content hashes, mod 2**128: the corpus fingerprint
+
+    def add(self, other: "Stats") -> None:
+        for k in ("documents", "text_bytes", "segments", "val_segments"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.content = (self.content + other.content) % HASH_MOD
+
+
+@dataclass
+class Encoded:
+    train: np.ndarray
+    val: np.ndarray
+    stats: Stats
+    disk: int  # bytes of corpus files on disk the task accounted for
+
+
+@dataclass
+class Sampled:
+    candidates: list[tuple[int, list[str]]]  # (rank, lines) of training segments ranked below the cutoff
+    stats: Stats = field(default_factory=Stats)
+    disk: int = 0
+
+
+def runs(doc: Doc, fraction: float, stats: Stats) -> Iterator[tuple[bool, list[bytes], bool, bool]]:
+    """(is_val, segments, starts a document, ends a document) for each same-side run of `doc`."""
+    segs = segments(doc.data, doc.offset)
+    u = phase(doc.head if doc.head is not None else segs[0][1])
+    sides = [is_val(j, u, fraction) for j, _ in segs]
+    before = None if doc.first else is_val(doc.prev_line_start // SEGMENT, u, fraction)
+    after = None if doc.last else is_val((doc.offset + len(doc.data)) // SEGMENT, u, fraction)
+    stats.documents += doc.last
+    stats.text_bytes += len(doc.data)
+    stats.segments += len(segs)
+    stats.val_segments += sum(sides)
+    for _, seg in segs:
+        stats.content = (stats.content + content_hash(seg)) % HASH_MOD
+    k = 0
+    while k < len(segs):
+        m = k + 1
+        while m < len(segs) and sides[m] == sides[k]:
+            m += 1
+        yield (sides[k], [seg for _, seg in segs[k:m]], k > 0 or before != sides[k],
+               m < len(segs) or after != sides[k])
+        k = m
+
+
+class Worker:
+    """Per-process state: the tokenizers loaded so far (by directory), so each is read once per worker."""
+
+    def __init__(self):
+        self.tokenizers: dict[str, Tokenizer] = {}
+
+    def sample(self, task: list[Piece], text_key: str, fraction: float, cutoff: int) -> Sampled:
+        out = Sampled([], disk=sum(p.disk for p in task))
+        for doc in (d for piece in task for d in documents(piece, text_key)):
+            for held_out, segs, _, _ in runs(doc, fraction, out.stats):
+                for seg in segs if not held_out else ():
+                    rank = sample_rank(seg)
+                    if rank < cutoff:
+                        lines = [ln for ln in seg.decode("utf-8", "replace").split("\n") if 0 < len(ln) <= MAX_LINE_CHARS]
+                        if lines:
+                            out.candidates.append((rank, lines))
+        return out
+
+    def encode(self, task: list[Piece], text_key: str, fraction: float, tokenizer_dir: str, dtype: str) -> Encoded:
+        if tokenizer_dir not in self.tokenizers:
+            self.tokenizers[tokenizer_dir] = load_tokenizer(tokenizer_dir)
+        tok, stats = self.tokenizers[tokenizer_dir], Stats()
+        parts = [r for piece in task for doc in documents(piece, text_key) for r in runs(doc, fraction, stats)]
+        ids = tok.encode_batch([b"".join(segs).decode("utf-8", "replace") for _, segs, _, _ in parts])
+        streams: tuple[list[int], list[int]] = ([], [])
+        for (held_out, _, first, last), run_ids in zip(parts, ids):
+            streams[held_out].extend(tok.frame(run_ids, first=first, last=last))
+        train, val = (np.array(s, dtype=dtype) for s in streams)
+        return Encoded(train, val, stats, sum(p.disk for p in task))
+
+
+_worker = Worker()  # one per process
+
+
+def init_worker() -> None:
+    """Worker processes run one task at a time on one core: keep `tokenizers` from starting a thread pool."""
+    os.environ["RAYON_NUM_THREADS"] = "1"
+
+
+def sample_task(args) -> Sampled:
+    return _worker.sample(*args)
+
+
+def encode_task(args) -> Encoded:
+    return _worker.encode(*args)
