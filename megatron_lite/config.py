@@ -204,7 +204,7 @@ def validate(cfg: Config, world_size: int) -> None:
     it also sets data.vocab_size to the tokenizer's, which the model then uses; with an HF model directory as
     checkpoint.load and no data.tokenizer, that directory's tokenizer is the run's."""
     from megatron_lite.data import DataError, check_data
-    from megatron_lite.hf import HFError, is_hf_model_dir, weight_files
+    from megatron_lite.hf import HFError, architecture, is_hf_model_dir, read_hf_config, weight_files
     from megatron_lite.model import ModelConfigError
     from megatron_lite.parallel import ParallelConfigError, check_world_size
 
@@ -216,8 +216,14 @@ def validate(cfg: Config, world_size: int) -> None:
     _need(cfg.parallel.zero in (0, 1), f"parallel.zero={cfg.parallel.zero} must be 0 (AdamW state replicated over "
           f"DP) or 1 (distributed optimizer: each DP rank keeps 1/DP of the AdamW state)")
     hf_load = c.load is not None and is_hf_model_dir(c.load)
-    if hf_load and cfg.data.tokenizer is None:
-        cfg.data.tokenizer = c.load  # fine-tuning: the corpus is tokenized with the model's own tokenizer
+    if hf_load:  # its own files first: an unsupported architecture, a missing weight file
+        try:
+            architecture(read_hf_config(c.load), Path(c.load) / "config.json")
+            weight_files(Path(c.load))
+        except HFError as e:
+            raise ConfigError(str(e)) from None
+        if cfg.data.tokenizer is None:
+            cfg.data.tokenizer = c.load  # fine-tuning: the corpus is tokenized with the model's own tokenizer
     # data (DataConfig's own checks, every path, the tokenizer) before the model's, which need the vocab size
     try:
         check_data(cfg.data)
@@ -227,8 +233,6 @@ def validate(cfg: Config, world_size: int) -> None:
         check_world_size(world_size, cfg.parallel.tp)
         model = gpt_config(cfg)
         model.validate(cfg.parallel.tp)
-        if hf_load:
-            weight_files(Path(c.load))
     except (ParallelConfigError, ModelConfigError, HFError) as e:
         raise ConfigError(str(e)) from None
     except (KeyError, ValueError) as e:  # a config.json without a key its architecture needs, or not JSON

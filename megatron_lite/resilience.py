@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .hang import write_report
+from .launch import STATUS_FILE_ENV
 
 SAME_REQUEST_S = 3.0  # signals this close to the first are copies of it (Slurm signals launcher and workers)
 FLIGHT_RECORDER_ENTRIES = 2000  # collectives kept per process for the hang report
@@ -271,9 +272,13 @@ class RunGuard:
         self.write_status(f"stopped {step} {reason}")
 
     def write_status(self, text: str) -> None:
-        """<run_dir>/status: "running", "finished N" or "stopped N <reason>" -- what a job script reads."""
+        """<run_dir>/status: "running", "finished N" or "stopped N <reason>" -- what a job script reads. Under
+        `python -m megatron_lite.launch`, local rank 0 of each node also tells its launcher (launch.py)."""
         if self.ctx.is_first_rank:
             Path(self.cfg.run_dir, "status").write_text(text + "\n")
+        launcher = os.environ.get(STATUS_FILE_ENV)
+        if launcher and os.environ.get("LOCAL_RANK", "0") == "0":
+            Path(launcher).write_text(text + "\n")
 
     def close(self) -> None:
         if self.watchdog is not None:

@@ -167,10 +167,24 @@ class HFTokenizer(Tokenizer):
                             f"the vocabulary has none of {', '.join(EOS_NAMES)}: add a tokenizer_config.json with "
                             f'"eos_token" beside it')
         self.eos_id, self.bos_id = eos, self._special_id(configs, "bos", BOS_NAMES)
+        self.special_ids = self._special_ids(configs)
         probe = "a"
         self.add_bos = (self.bos_id is not None
                         and self.tk.encode(probe, add_special_tokens=True).ids[:1] == [self.bos_id]
                         and self.tk.encode(probe, add_special_tokens=False).ids[:1] != [self.bos_id])
+
+    def _special_ids(self, configs: dict) -> frozenset[int]:
+        """What transformers counts as special (`all_special_ids`): the added tokens marked special, the tokens
+        tokenizer_config.json names (bos, eos, unk, pad, additional), and our EOS and BOS."""
+        ids = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special} | {self.eos_id}
+        ids |= {self.bos_id} if self.bos_id is not None else set()
+        named = configs.get("tokenizer_config.json", {})
+        for value in [named.get(f"{k}_token") for k in ("bos", "eos", "unk", "pad")] + \
+                list(named.get("additional_special_tokens") or []):
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str) and self.tk.token_to_id(value) is not None:
+                ids.add(self.tk.token_to_id(value))
+        return frozenset(ids)
 
     def _special_id(self, configs: dict, which: str, names: tuple[str, ...]) -> int | None:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -203,8 +217,9 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text, without special tokens (BOS, EOS), as sentencepiece decodes its control symbols to nothing."""
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
+        """Text without the special tokens, as transformers' `decode(ids, skip_special_tokens=True)` (and as
+        sentencepiece decodes its control symbols to nothing)."""
+        return self.tk.decode([int(i) for i in ids if int(i) not in self.special_ids], skip_special_tokens=False)
 
     def describe(self) -> str:
         return f"Hugging Face {type(self.tk.model).__name__} tokenizer, {self.vocab_size} tokens"

@@ -121,7 +121,7 @@ LAYOUTS = {  # name: (processes, overrides, load the step dir (else: a run dir w
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [pytest.param(n, marks=pytest.mark.slow) if n == "DP4xTP1" else n for n in LAYOUTS])
 def test_load_at_another_layout_continues_the_run(ref, tmp_path, layout):
     nproc, overrides, by_step_dir = LAYOUTS[layout]
     source = step_dir(ref, 4)
@@ -391,6 +391,7 @@ def _generate(*launcher: str, ckpt: Path) -> tuple[str, str]:
     return header, text
 
 
+@pytest.mark.slow  # test_hf: greedy tokens equal at T=1 and T=2 (and transformers'), with and without the cache
 def test_generate_greedy_same_on_one_process_and_tp2(ref):
     header1, text1 = _generate(sys.executable, ckpt=ref)
     header2, text2 = _generate(*TORCHRUN, "--standalone", "--nproc_per_node=2", ckpt=ref)

@@ -48,7 +48,9 @@ FAILING = {
                         ["architecture 'MistralForCausalLM' is not supported", "GPT2LMHeadModel and LlamaForCausalLM"]),
     "hf_missing_weights": ([TRAIN, "parallel.tp=1", "checkpoint.load={hf}/llama_sharded"], {},
                            ["llama_sharded/model-00002-of-00002.safetensors is missing"]),
-    "hf_tp_split": ([TRAIN, "parallel.tp=4", "checkpoint.load={hf}/llama_sharded"], {"WORLD_SIZE": "4"},
+    "hf_no_tokenizer": ([TRAIN, "checkpoint.load={hf}/llama"], {},
+                        ["tokenizer directory", "/llama holds no tokenizer: looked for tokenizer.json"]),
+    "hf_tp_split": ([TRAIN, "parallel.tp=4", "checkpoint.load={hf}/llama_tokenizer"], {"WORLD_SIZE": "4"},
                     ["model.num_heads=4 and model.num_kv_heads=2 must both be divisible by parallel.tp=4",
                      "valid tp: 1, 2"]),
     # Hydra's own messages
@@ -65,13 +67,19 @@ PASSING = {"cfg_job": ([TRAIN, "--cfg", "job"], {}, [])}  # composes and prints 
 
 
 def _hf_dirs(root: Path) -> Path:
-    """config.json files of an unsupported architecture and of a Llama whose second weight shard is missing."""
+    """HF model directories, each wrong in one way (validation reads no weight, so empty files do): an
+    unsupported architecture; a Llama whose second weight shard is missing; one without a tokenizer; one with
+    a tokenizer, whose 2 KV heads do not split over TP=4."""
+    from tokenizers import Tokenizer, models
     llama = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320)
     for name, config in (("mistral", dict(llama, architectures=["MistralForCausalLM"], model_type="mistral")),
-                         ("llama_sharded", llama)):
+                         ("llama_sharded", llama), ("llama", llama), ("llama_tokenizer", llama)):
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text(json.dumps(config))
+    for name in ("llama", "llama_tokenizer"):
+        (root / name / "model.safetensors").write_bytes(b"")
+    Tokenizer(models.BPE(vocab={"a": 0, "</s>": 1}, merges=[])).save(str(root / "llama_tokenizer" / "tokenizer.json"))
     (root / "llama_sharded" / "model-00001-of-00002.safetensors").write_bytes(b"")
     index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
                             "model.norm.weight": "model-00002-of-00002.safetensors"}}

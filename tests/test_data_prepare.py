@@ -226,6 +226,21 @@ def test_stale_lock_of_another_host_is_taken_over(tmp_path, sp_model, monkeypatc
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [key]  # the stale lock is cleaned up
 
 
+def test_a_lock_file_not_yet_written_is_waited_on_then_taken_over(tmp_path, sp_model, monkeypatch):
+    """A holder creates its lock file (O_EXCL) before writing it, so a waiter can find it empty (which once
+    crashed the waiting ranks of a job with a KeyError)."""
+    monkeypatch.setattr(lock, "STALE_S", 0.5)
+    monkeypatch.setattr(lock, "POLL_S", 0.05)
+    cfg = cfg_for(write_corpus(tmp_path / "txt", "txt", documents()[:3]), tmp_path / "c", tokenizer=sp_model)
+    from megatron_lite.data.corpus import corpus_key
+    key = corpus_key(check_data(cfg), cfg)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / f"{key}.lock.0").write_text("")
+    corpus, log = build(cfg)
+    assert "taking over" in log and "has not changed for 0 s" in log
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [key]
+
+
 def test_a_failed_build_stops_its_waiters_with_its_message(tmp_path, sp_model, monkeypatch):
     """The waiter does not try again: it raises the builder's one line."""
     monkeypatch.setattr(lock, "POLL_S", 0.05)

@@ -73,10 +73,10 @@ class TokenizedCorpus:
         return load_tokenizer(self.path)
 
     def train_tokens(self) -> np.ndarray:
-        return np.memmap(self.train_path, dtype=self.dtype, mode="r")
+        return _tokens(self.train_path, self.dtype)
 
     def val_tokens(self) -> np.ndarray:
-        return np.memmap(self.val_path, dtype=self.dtype, mode="r")
+        return _tokens(self.val_path, self.dtype)
 
     def identity(self) -> dict:
         """What a checkpoint records: the corpus (its text and split) and the tokenizer, each with a description."""
@@ -107,3 +107,9 @@ class TokenizedCorpus:
             f"  tokens:    {train:,} train + {val:,} validation ({100 * val / max(train + val, 1):.1f}%), {m['dtype']}; "
             f"{m['text_bytes'] / max(train + val, 1):.2f} bytes of text per token",
             f"  prepared in {m['seconds']:.1f} s with {m['workers']} worker{'s' if m['workers'] != 1 else ''}"])
+
+
+def _tokens(path: Path, dtype: str) -> np.ndarray:
+    """The token ids of a .bin file, memory-mapped (mmap refuses an empty file: a small corpus can hold out no
+    validation text, which the sampler then reports)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)

@@ -159,7 +159,7 @@ def build_once(out: Path, build: Callable[[Path, Path | None, HeldLock], None], 
             continue
         raw, info = got
         now = time.monotonic()
-        if seen.get(gen, ("",))[0] != raw:
+        if gen not in seen or seen[gen][0] != raw:  # (an empty file, just created, is content too)
             seen[gen] = (raw, now)
         alive = _alive(info) if info else None  # not yet written: only the clock can tell
         if alive is False or (alive is None and now - seen[gen][1] > STALE_S):
