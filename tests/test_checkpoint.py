@@ -156,7 +156,10 @@ def test_load_at_another_layout_continues_the_run(ref, tmp_path, layout):
 def test_worker_killed_mid_run_restarts_and_matches(ref, tmp_path, zero):
     run = tmp_path / "run"
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=4", "--max-restarts=1", "--monitor-interval=0.2",
-           str(ROOT / "train.py"), *BASE, *DP2TP2, f"parallel.zero={zero}", f"run_dir={run}"]
+           str(ROOT / "train.py"), *BASE, *DP2TP2, f"parallel.zero={zero}", f"run_dir={run}",
+           # torchrun SIGTERMs the survivors, stuck with a dead peer: each waits exit_grace_s (default 25 s)
+           # for a step boundary it cannot reach before it exits; a short grace restarts sooner
+           "train.exit_grace_s=3"]
     out = open(tmp_path / "torchrun.out", "w")
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
     try:
