@@ -3,8 +3,8 @@
 - GPT-2 and Llama models (MHA and GQA, tied and untied, biases, Llama-3 RoPE scaling) loaded from an HF
   directory at every T in {1, 2, 4} their KV heads split into, SP off and on: logits, loss and every gradient equal transformers' to float32
   rounding; the same after a DCP reshard of the loaded model from T=2 to T=4;
-- HF -> megatron-lite -> HF gives bitwise the same tensors under exactly the same names, and an export
-  loads in transformers with no missing or unexpected keys;
+- HF -> megatron-lite -> HF gives bitwise the same tensors under exactly the same names (one file or sharded),
+  and at T=2 each rank reads exactly the elements it holds;
 - greedy generation with the KV cache equals generation without it (also across a window restart) and
   transformers' own greedy `generate`, at T=1 and T=2;
 - the tokenizer written for a megatron-lite sentencepiece model gives the same ids through AutoTokenizer;
@@ -31,7 +31,7 @@ from cli import ROOT, TORCHRUN, env, losses
 from distributed import run_distributed
 from megatron_lite.checkpoint import load_model, model_state
 from megatron_lite.generate import generate
-from megatron_lite.hf import hf_state_dict, to_hf
+from megatron_lite.hf import SafetensorsReader, hf_state_dict, to_hf
 from megatron_lite.model import GPT
 from megatron_lite.optim import finalize_model_grads
 from megatron_lite.parallel import build_parallel_context
@@ -166,16 +166,40 @@ def _round_trip_worker(root: str):
     from safetensors.torch import load_file
     ctx = build_parallel_context(1)
     for name in SPECS:
-        path, _ = _save_hf(name, Path(root))
+        path, hf = _save_hf(name, Path(root))
         saved = load_file(path / "model.safetensors")
         ours = hf_state_dict(load_model(path, ctx))
         assert ours.keys() == saved.keys(), f"{name}: {ours.keys() ^ saved.keys()}"
         for k, t in saved.items():
             assert ours[k].dtype == t.dtype and torch.equal(ours[k], t), f"{name}: {k} changed in the round trip"
+    # sharded checkpoints (model.safetensors.index.json), and each rank reading only the rows it holds
+    _, hf = _save_hf("llama_8q4kv_llama3_tied", Path(root))
+    sharded = Path(root) / "sharded"
+    if dist.get_rank() == 0:
+        hf.save_pretrained(sharded, max_shard_size="40KB")
+    dist.barrier()
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").exists()
+    for k, t in hf_state_dict(load_model(sharded, ctx)).items():
+        assert torch.equal(t, hf.state_dict()[k]), k
+    read, original = [], SafetensorsReader.read
+
+    def counted(self, *args):
+        t = original(self, *args)
+        read.append(t.numel())
+        return t
+    SafetensorsReader.read = counted
+    try:
+        model = load_model(sharded, build_parallel_context(2))
+    finally:
+        SafetensorsReader.read = original
+    Vt, r = model.config.padded_vocab_size // 2, model.ctx.tp_rank
+    padding_rows = max(0, (r + 1) * Vt - max(V, r * Vt))  # zeros, read from nowhere
+    local = sum(p.numel() for p in model.parameters()) - padding_rows * model.config.hidden_size
+    assert sum(read) == local < sum(v.numel() for v in hf.state_dict().values()) - V * 64, (sum(read), local)
 
 
-def test_hf_to_megatron_lite_to_hf_is_bitwise_with_the_same_keys(tmp_path):
-    run_distributed(_round_trip_worker, 1, str(tmp_path))
+def test_hf_to_megatron_lite_to_hf_is_bitwise_with_the_same_keys_and_ranks_read_their_slices(tmp_path):
+    run_distributed(_round_trip_worker, 2, str(tmp_path))
 
 
 def test_exported_tokenizer_gives_our_ids_through_autotokenizer(tmp_path):
