@@ -58,7 +58,8 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     agreement = guard.start(ctx, log)
     log.info(f"layout: {ctx.describe()}")
     corpus = prepare_corpus(cfg.data, log=log.info)  # one process builds, the others poll: no collective
-    model = GPT(gpt_config(cfg), ctx)
+    from_hf = cfg.checkpoint.load is not None and is_hf_model_dir(cfg.checkpoint.load)
+    model = GPT(gpt_config(cfg), ctx, init_weights=not from_hf)  # HF weights, or a resumed checkpoint's, replace them
     opt = build_optimizer(model, cfg.optim, ctx, zero=cfg.parallel.zero)
     forward = opt.module  # DDP(model) under zero=0 with DP > 1, else the model
     if cfg.train.compile:
