@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from torch import nn
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
                               gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
+
+if TYPE_CHECKING:
+    from .generate import KVCache  # inference only: the keys and values of the tokens so far
 
 
 class ModelConfigError(ValueError):
@@ -384,37 +388,6 @@ def apply_rotary(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tenso
     """x cos + rotate_half(x) sin, where rotate_half(x) = [-x2, x1] for the halves x1, x2 of the head dim."""
     x1, x2 = x_BNSD.chunk(2, dim=-1)
     return x_BNSD * cos_SD.to(x_BNSD.dtype) + torch.cat((-x2, x1), dim=-1) * sin_SD.to(x_BNSD.dtype)
-
-
-class KVCache:
-    """Keys and values of the tokens seen so far, per layer `[B, Gt, max_len, D]` (this rank's KV heads),
-    so that generating a token runs the model on that token alone."""
-
-    def __init__(self, model: GPT, batch: int, max_len: int):
-        c = model.config
-        self.shape = (batch, c.num_kv_heads // model.ctx.tp_size, max_len, c.head_dim)
-        self.k: list[torch.Tensor | None] = [None] * c.num_layers  # allocated at first use, in k's dtype
-        self.v: list[torch.Tensor | None] = [None] * c.num_layers  # (bf16 under autocast)
-        self.length, self.max_len = 0, max_len
-
-    def update(self, layer: int, k_BGtSD, v_BGtSD):
-        """Store the new tokens' k and v after the cached ones; return all of them."""
-        end = self.length + k_BGtSD.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache of {self.max_len} positions is full")
-        if self.k[layer] is None:
-            self.k[layer] = k_BGtSD.new_empty(self.shape)
-            self.v[layer] = v_BGtSD.new_empty(self.shape)
-        self.k[layer][:, :, self.length:end] = k_BGtSD
-        self.v[layer][:, :, self.length:end] = v_BGtSD
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def mask(self, S: int, device) -> torch.Tensor | None:
-        """None (SDPA's own causal mask) for a first chunk; else new token i sees positions <= length + i.
-        (SDPA's is_causal aligns the mask top-left, which is wrong once keys outnumber queries.)"""
-        if self.length == 0:
-            return None
-        return torch.arange(self.length + S, device=device) <= self.length + torch.arange(S, device=device)[:, None]
 
 
 def _residual_dropout(x, c: GPTConfig, rng: RNGTracker, training: bool):
