@@ -152,7 +152,9 @@ def resolve(path: str | Path) -> Path:
 
 
 def _mesh(ctx) -> DeviceMesh:
-    return DeviceMesh.from_group([ctx.dp_group, ctx.tp_group], ctx.device.type, mesh=torch.tensor(ctx.grid),
+    # this stage's (DP x CP, TP) ranks: weights are replicated over DP x CP and split over TP
+    mesh = torch.tensor(ctx.grid[ctx.pp_rank]).view(-1, ctx.tp_size)
+    return DeviceMesh.from_group([ctx.dp_cp_group, ctx.tp_group], ctx.device.type, mesh=mesh,
                                  mesh_dim_names=("dp", "tp"))
 
 

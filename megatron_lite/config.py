@@ -60,7 +60,9 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor-parallel size; data-parallel size = world size / tp (1, as in Megatron and torchtitan)
+    tp: int = 1  # tensor-parallel size (1, as in Megatron and torchtitan); DP = world size / (tp x cp x pp)
+    cp: int = 1  # context-parallel size: the sequence split over cp ranks in every layer
+    pp: int = 1  # pipeline-parallel size: the layers split into pp stages
     sp: bool = True  # sequence parallelism (shards LayerNorm/dropout activations over the TP group)
     tp_comm_overlap: bool = True  # overlap column-parallel layers' input-grad collective with their dW matmul
     zero: int = 0  # 0: AdamW state replicated over DP (DDP); 1: distributed optimizer, AdamW state split over DP
@@ -171,11 +173,19 @@ def gpt_config(cfg: Config) -> GPTConfig:
 
 
 def dp_size(cfg: Config, world_size: int) -> int:
-    return world_size // cfg.parallel.tp
+    p = cfg.parallel
+    return world_size // (p.tp * p.cp * p.pp)
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size(cfg, world_size))
+
+
+def _model_ranks(cfg: Config) -> str:
+    """'parallel.tp=2' or 'parallel.tp=2 x parallel.pp=2': the sizes DP is the world divided by."""
+    p = cfg.parallel
+    sizes = [f"parallel.{k}={v}" for k, v in (("tp", p.tp), ("cp", p.cp), ("pp", p.pp)) if v > 1 or k == "tp"]
+    return " x ".join(sizes)
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -230,7 +240,7 @@ def validate(cfg: Config, world_size: int) -> None:
     except DataError as e:
         raise ConfigError(str(e)) from None
     try:
-        check_world_size(world_size, cfg.parallel.tp)
+        check_world_size(world_size, cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.pp)
         model = gpt_config(cfg)
         model.validate(cfg.parallel.tp)
     except (ParallelConfigError, ModelConfigError, HFError) as e:
@@ -260,7 +270,7 @@ def validate(cfg: Config, world_size: int) -> None:
         nearest = max(1, math.floor(t.global_batch_size / per_step + 0.5)) * per_step
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
-            f"{t.micro_batch_size} x DP={dp} (world size {world_size} / parallel.tp={cfg.parallel.tp}) = "
+            f"{t.micro_batch_size} x DP={dp} (world size {world_size} / {_model_ranks(cfg)}) = "
             f"{per_step}: use train.global_batch_size={nearest}, or change train.micro_batch_size")
     _need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0: evaluate only at the end)")
     _need(t.eval_iters >= 1, f"train.eval_iters={t.eval_iters} must be >= 1")

@@ -88,7 +88,7 @@ class DistributedOptimizer:
                  overlap_grad_reduce: bool = True, overlap_param_gather: bool = True):
         self.model, self.ctx, self.grad_clip = model, ctx, o.grad_clip
         self.module = model  # no DDP wrapper: this optimizer's hooks reduce the gradients
-        self.dp_group, self.dp = ctx.dp_group, ctx.dp_size
+        self.dp_group, self.dp = ctx.dp_cp_group, ctx.dp_cp_size  # every CP rank holds the same weights
         self.overlap_grad_reduce, self.overlap_param_gather = overlap_grad_reduce, overlap_param_gather
         self.fused = bool(o.fused and ctx.device.type == "cuda")
         self.betas, self.eps = (o.beta1, o.beta2), o.eps
@@ -131,7 +131,7 @@ class DistributedOptimizer:
             size += p.numel()
             if size * 4 >= bucket_bytes or k == len(named) - 1:
                 numel = math.ceil(size / self.dp) * self.dp  # padded: DP equal shards
-                buckets.append(Bucket(current, offset, numel, self.dp, self.ctx.dp_rank))
+                buckets.append(Bucket(current, offset, numel, self.dp, self.ctx.dp_cp_rank))
                 current, offset, size = [], offset + numel, 0
         return buckets
 

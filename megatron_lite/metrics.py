@@ -43,7 +43,7 @@ def memory_estimate(model, cfg, ctx) -> dict[str, float]:
     _, local = model.num_parameters()
     per_layer = s * b * h * ((34 + 5 * a * s / h) / T if c.sequence_parallel else 10 + 24 / T + 5 * a * s / (h * T))
     act_bytes = L * per_layer * (1 if ctx.device.type == "cuda" else 2) + 2 * 4 * s * b * c.padded_vocab_size / T
-    moments = 8 * local / (ctx.dp_size if cfg.parallel.zero == 1 else 1)
+    moments = 8 * local / (ctx.dp_cp_size if cfg.parallel.zero == 1 else 1)
     return {"states_gb": (8 * local + moments) / 2**30, "moments_bytes": moments, "activations_gb": act_bytes / 2**30}
 
 
@@ -88,7 +88,7 @@ class MetricsLogger:
         if not self.active:
             return
         mem = memory_estimate(model, cfg, ctx)
-        dp = ctx.dp_size if cfg.parallel.zero == 1 else 1  # the optimizer state is split over DP
+        dp = ctx.dp_cp_size if cfg.parallel.zero == 1 else 1  # the optimizer state is split over DP x CP
         per_param = "16 B/param" if dp == 1 else f"8 + 8/{dp} B/param"
         self.info(f"model: {full / 1e6:.2f}M parameters ({local / 1e6:.2f}M on this rank); estimated memory per "
                   f"rank: {mem['states_gb']:.2f} GiB weights+grads+AdamW ({per_param}), {mem['activations_gb']:.2f} "

@@ -115,7 +115,8 @@ class Optimizer:
 
     def __init__(self, model: nn.Module, o, ctx):
         self.model, self.ctx, self.grad_clip = model, ctx, o.grad_clip
-        self.module = DDP(model, process_group=ctx.dp_group) if ctx.dp_size > 1 else model
+        # the DP x CP group: every CP rank holds the same weights, and its gradient covers its own tokens
+        self.module = DDP(model, process_group=ctx.dp_cp_group) if ctx.dp_cp_size > 1 else model
         self.adamw = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                        fused=bool(o.fused and ctx.device.type == "cuda"))
         init_adam_state(self.adamw)

@@ -1,12 +1,26 @@
-"""The DP x TP process grid.
+"""The TP x CP x DP x PP process grid (Megatron's tp-cp-dp-pp order).
 
-Ranks are laid out as ``arange(world).view(dp, tp)``: TP is the innermost dimension, so the ranks of a
-TP group are consecutive (and share a node under torchrun), and a DP group joins the ranks with the same
-TP rank. Everything that needs a group receives this context explicitly; nothing is stored in module
-globals, so one process can build several layouts (the tests do).
+Ranks are laid out as ``arange(world).view(pp, dp, cp, tp)``:
+
+    rank = ((pp * DP + dp) * CP + cp) * TP + tp
+
+TP is innermost, so the ranks of a TP group are consecutive (one node under torchrun); CP next, then DP; PP is
+outermost, so the stages of a pipeline sit on different nodes and only their p2p crosses the slow links. With
+CP = PP = 1 this is the DP x TP grid ``view(dp, tp)``. The groups (a group varies one index, or two):
+
+    TP       tp          column/row-parallel collectives, SP gather/scatter, the vocab-parallel loss
+    CP       cp          K/V exchange in attention; the loss's token count
+    DP       dp          the data: each DP rank reads its own samples
+    DP x CP  dp, cp      gradient reduction and the ZeRO-1 shards (every CP rank holds the same weights)
+    PP       pp          p2p to the previous / next stage
+    embedding pp in {0, PP-1}  summing a tied embedding's gradient between the first and last stage
+
+Everything that needs a group receives this context explicitly; nothing is stored in module globals, so one
+process can build several layouts (the tests do).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,26 +47,65 @@ class ParallelContext:
     rank: int
     world_size: int
     device: torch.device
-    grid: tuple[tuple[int, ...], ...]  # grid[d][t] = global rank with DP rank d and TP rank t
+    grid: tuple  # grid[pp][dp][cp][tp] = global rank
+    cp_group: dist.ProcessGroup
+    cp_rank: int
+    cp_size: int
+    dp_cp_group: dist.ProcessGroup  # gradients and ZeRO shards; the DP group itself when CP = 1
+    pp_group: dist.ProcessGroup
+    pp_rank: int
+    pp_size: int
+    embedding_group: dist.ProcessGroup | None  # the first and the last stage (this rank alone at PP = 1); None
+    # on a middle stage
 
     @property
     def is_first_rank(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_cp_size(self) -> int:
+        return self.dp_size * self.cp_size
+
+    @property
+    def dp_cp_rank(self) -> int:
+        return self.dp_rank * self.cp_size + self.cp_rank
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_rank(self, pp: int) -> int:
+        """The global rank at pipeline stage `pp` with this rank's DP, CP and TP indices."""
+        return self.grid[pp][self.dp_rank][self.cp_rank][self.tp_rank]
+
     def describe(self) -> str:
-        tp_groups = ", ".join(str(list(row)) for row in self.grid)
-        dp_groups = ", ".join(str(list(col)) for col in zip(*self.grid))
-        return (f"DP={self.dp_size} x TP={self.tp_size} on {self.world_size} ranks ({self.device.type}); "
-                f"TP groups: {tp_groups}; DP groups: {dp_groups}")
+        g = torch.tensor(self.grid)
+        parts = [f"TP={self.tp_size}", f"CP={self.cp_size}", f"DP={self.dp_size}", f"PP={self.pp_size}"]
+        dims = [("TP", 3, self.tp_size), ("CP", 2, self.cp_size), ("DP", 1, self.dp_size), ("PP", 0, self.pp_size)]
+        groups = [f"{name} groups: {_groups(g, dim)}" for name, dim, size in dims if size > 1 or name in ("TP", "DP")]
+        return f"{' x '.join(parts)} on {self.world_size} ranks ({self.device.type}); " + "; ".join(groups)
 
 
-def check_world_size(world_size: int, tp_size: int) -> None:
-    if tp_size < 1:
-        raise ParallelConfigError(f"parallel.tp={tp_size} must be >= 1")
-    if world_size % tp_size:
+def _groups(grid: torch.Tensor, dim: int) -> str:
+    """The groups along `dim` of the 4-D grid, e.g. '[0, 1], [2, 3]'."""
+    return ", ".join(str(row) for row in grid.movedim(dim, -1).reshape(-1, grid.shape[dim]).tolist())
+
+
+def check_world_size(world_size: int, tp_size: int, cp_size: int = 1, pp_size: int = 1) -> None:
+    for key, size in (("tp", tp_size), ("cp", cp_size), ("pp", pp_size)):
+        if size < 1:
+            raise ParallelConfigError(f"parallel.{key}={size} must be >= 1")
+    model_ranks = tp_size * cp_size * pp_size
+    if world_size % model_ranks:
+        named = [f"parallel.{k}={v}" for k, v in (("tp", tp_size), ("cp", cp_size), ("pp", pp_size)) if v > 1]
+        sizes = named[0] if len(named) == 1 else f"{' x '.join(named)} = {model_ranks}"
         raise ParallelConfigError(
-            f"world size {world_size} is not divisible by parallel.tp={tp_size}: launch a multiple of "
-            f"{tp_size} processes (--nproc_per_node) or pick a parallel.tp that divides {world_size}")
+            f"world size {world_size} is not divisible by {sizes}: launch a multiple of {model_ranks} processes "
+            f"(--nproc_per_node) or pick sizes whose product divides {world_size}")
 
 
 def default_device(kind: str | None = None) -> torch.device:
@@ -60,8 +113,6 @@ def default_device(kind: str | None = None) -> torch.device:
     if kind == "cuda" or (kind is None and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
 def init_distributed(device: torch.device | None = None, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
     """Join the job torchrun (env://) describes; a plain `python` run becomes a world of one."""
     if dist.is_initialized():
@@ -96,44 +147,61 @@ def _restart_safe_store(timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"megatron_lite/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def build_parallel_context(tp_size: int, device: torch.device | None = None,
-                           world_size: int | None = None) -> ParallelContext | None:
-    """Create the TP and DP groups of a DP x TP grid over the already initialized world.
+def build_parallel_context(tp_size: int, device: torch.device | None = None, world_size: int | None = None,
+                           cp_size: int = 1, pp_size: int = 1) -> ParallelContext | None:
+    """Create the TP, CP, DP, DP x CP, PP and embedding groups of the grid over the initialized world.
 
     Every rank must call this with the same arguments (new_group is collective over the world).
     `world_size`: build the grid over ranks [0, world_size) only, so that one job can hold several layouts
     (tests and benchmarks); the ranks outside it get None."""
     world, rank = world_size or dist.get_world_size(), dist.get_rank()
-    check_world_size(world, tp_size)
-    grid = torch.arange(world).view(world // tp_size, tp_size)
-    tp_group = dp_group = None
-    for row in grid.tolist():  # consecutive ranks: one TP group per DP rank
-        group = dist.new_group(row)
+    check_world_size(world, tp_size, cp_size, pp_size)
+    dp_size = world // (tp_size * cp_size * pp_size)
+    grid = torch.arange(world).view(pp_size, dp_size, cp_size, tp_size)
+
+    def groups_along(*dims: int) -> dist.ProcessGroup | None:
+        """One group per combination of the other indices; returns this rank's."""
+        rows = grid.movedim(dims, tuple(range(4 - len(dims), 4))).reshape(-1, math.prod(grid.shape[d] for d in dims))
+        mine = None
+        for row in rows.tolist():  # every rank creates every group, in the same order
+            group = dist.new_group(row)
+            if rank in row:
+                mine = group
+        return mine
+
+    # Every group exists at every size (a singleton where a dimension is 1): a collective given `group=None`
+    # would run over the whole world instead.
+    tp_group, cp_group, dp_group, pp_group = groups_along(3), groups_along(2), groups_along(1), groups_along(0)
+    dp_cp_group = groups_along(1, 2) if cp_size > 1 else dp_group
+    embedding_group = None
+    for row in grid[sorted({0, pp_size - 1})].movedim(0, -1).reshape(-1, min(pp_size, 2)).tolist():
+        group = dist.new_group(row)  # the first and the last stage: a tied embedding's gradient is summed here
         if rank in row:
-            tp_group = group
-    for col in grid.t().tolist():  # same TP rank across DP replicas
-        group = dist.new_group(col)
-        if rank in col:
-            dp_group = group
+            embedding_group = group
     if rank >= world:
         return None
-    dp_rank, tp_rank = divmod(rank, tp_size)
+    pp_rank, dp_rank, cp_rank, tp_rank = (int(i) for i in (grid == rank).nonzero()[0])
     return ParallelContext(
-        tp_group=tp_group, dp_group=dp_group, tp_rank=tp_rank, tp_size=tp_size, dp_rank=dp_rank,
-        dp_size=world // tp_size, rank=rank, world_size=world, device=device or default_device(),
-        grid=tuple(tuple(row) for row in grid.tolist()))
+        tp_group=tp_group, dp_group=dp_group, tp_rank=tp_rank, tp_size=tp_size, dp_rank=dp_rank, dp_size=dp_size,
+        rank=rank, world_size=world, device=device or default_device(), grid=_nested(grid),
+        cp_group=cp_group, cp_rank=cp_rank, cp_size=cp_size, dp_cp_group=dp_cp_group,
+        pp_group=pp_group, pp_rank=pp_rank, pp_size=pp_size, embedding_group=embedding_group)
 
 
-def init_parallel(tp_size: int, device: str | None = None) -> ParallelContext:
+def _nested(grid: torch.Tensor) -> tuple:
+    return tuple(_nested(g) for g in grid) if grid.dim() else int(grid)
+
+
+def init_parallel(tp_size: int, device: str | None = None, cp_size: int = 1, pp_size: int = 1) -> ParallelContext:
     """Initialize torch.distributed if needed (NCCL on CUDA, gloo otherwise) and build the grid.
 
     `device`: "cpu" or "cuda" to force one, None for CUDA when available. The world-size check runs
     before the process group is created when torchrun has set WORLD_SIZE, so a bad layout fails at once
     on every rank instead of hanging on a collective."""
-    check_world_size(int(os.environ.get("WORLD_SIZE", 1)), tp_size)
+    check_world_size(int(os.environ.get("WORLD_SIZE", 1)), tp_size, cp_size, pp_size)
     dev = default_device(device)
     init_distributed(dev)
-    return build_parallel_context(tp_size, dev)
+    return build_parallel_context(tp_size, dev, cp_size=cp_size, pp_size=pp_size)
 
 
 def free_port() -> int:

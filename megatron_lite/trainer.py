@@ -44,7 +44,8 @@ class TrainState:
 
 def train(cfg: Config) -> None:
     guard = RunGuard(cfg)  # before the process groups: it turns PyTorch's flight recorder on
-    ctx = init_parallel(cfg.parallel.tp, device=None if cfg.train.device == "auto" else cfg.train.device)
+    p = cfg.parallel
+    ctx = init_parallel(p.tp, device=None if cfg.train.device == "auto" else cfg.train.device, cp_size=p.cp, pp_size=p.pp)
     try:
         _train(cfg, ctx, guard)
     finally:
