@@ -4,6 +4,10 @@ Logical bytes are the size of the full tensor a collective works on (the all-red
 all-gather's output, the reduce-scatter's input): what the Megatron analysis counts, independent of how
 a backend implements it (gloo's reduce-scatter, for one, runs a whole all-reduce underneath).
 Used by the tests (so no extra communication slips in) and by the benchmarks (measured vs theory).
+
+Two kinds of calls are counted: torch.distributed's functions (DDP's, the optimizers', checkpoints'), patched
+for the duration, and torch's functional collectives (the `_c10d_functional` ops the tensor-parallel layers
+use, which torch.compile can trace), seen by a TorchDispatchMode.
 """
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # name -> index of the argument holding the full tensor
 _COUNTED = {"all_reduce": 0, "all_gather_single": 0, "all_gather_into_tensor": 0,
@@ -27,6 +33,30 @@ class Collective:
     numel: int
     bytes: int
     group: object = field(default=None, compare=False)  # the process group it ran on (None: the default one)
+    dtype: torch.dtype = field(default=torch.float32, compare=False)
+
+
+# functional op -> (canonical name, logical bytes as a multiple of the input's)
+_FUNCTIONAL = {"all_reduce": ("all_reduce", False), "all_reduce_": ("all_reduce", False),
+               "all_gather_into_tensor": ("all_gather", True), "reduce_scatter_tensor": ("reduce_scatter", False)}
+
+
+class _FunctionalCollectives(TorchDispatchMode):
+    """Records the `_c10d_functional` collectives dispatched while active."""
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if func.namespace == "_c10d_functional" and name in _FUNCTIONAL:
+            op, gathered = _FUNCTIONAL[name]
+            t, group = args[0], torch._C._distributed_c10d._resolve_process_group(args[-1])
+            if group.size() > 1:
+                numel = t.numel() * (group.size() if gathered else 1)
+                self.calls.append(Collective(op, group.size(), numel, numel * t.element_size(), group, t.dtype))
+        return func(*args, **(kwargs or {}))
 
 
 class CollectiveCounter:
@@ -47,14 +77,15 @@ class CollectiveCounter:
                 size = dist.get_world_size(group)
                 if size > 1:
                     self.calls.append(Collective(_CANONICAL.get(name, name), size, t.numel(),
-                                                 t.numel() * t.element_size(), group))
+                                                 t.numel() * t.element_size(), group, t.dtype))
                 return fn(*args, **kwargs)
             return counted
 
         for name, fn in originals.items():
             setattr(dist, name, wrap(name, fn))
         try:
-            yield self
+            with _FunctionalCollectives(self.calls):
+                yield self
         finally:
             for name, fn in originals.items():
                 setattr(dist, name, fn)

@@ -35,6 +35,7 @@ from torch import nn
 
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
                               gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
+from .tensor_parallel.layers import skip_init
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
 
 if TYPE_CHECKING:
@@ -154,17 +155,19 @@ class GPT(nn.Module):
         config.validate(ctx.tp_size)
         self.config, self.ctx = config, ctx
         c, group, sp = config, ctx.tp_group, config.sequence_parallel
-        # Every full tensor is drawn from one generator in construction order, identically on every rank,
-        # and each rank keeps its slice: the same seed gives the same model at every TP size.
-        # (init_weights=False, for a model about to load a checkpoint, skips the draws.)
-        gen = torch.Generator().manual_seed(c.seed)
-        normal = _normal_init(c.init_std, gen) if init_weights else _no_init
-        residual_out = _normal_init(c.init_std / math.sqrt(2 * c.num_layers), gen) if init_weights else _no_init
-        kw = dict(tp_group=group, sequence_parallel=sp)
+        # Every full tensor is drawn on the device from one generator in construction order, identically on
+        # every rank, and each rank keeps its slice: the same seed gives the same model at every TP size (on
+        # one kind of device: CPU and CUDA generators differ). init_weights=False, for a model about to load a
+        # checkpoint, draws nothing and allocates only this rank's slices.
+        gen = torch.Generator(ctx.device).manual_seed(c.seed)
+        normal = _normal_init(c.init_std, gen) if init_weights else skip_init
+        residual_out = _normal_init(c.init_std / math.sqrt(2 * c.num_layers), gen) if init_weights else skip_init
+        kw = dict(tp_group=group, sequence_parallel=sp, device=ctx.device)
 
         self.wte = VocabParallelEmbedding(c.padded_vocab_size, c.hidden_size, init_method=normal, **kw)
         if c.position_embedding == "learned":
-            self.wpe = nn.Embedding(c.seq_len, c.hidden_size)
+            self.wpe = nn.Embedding(c.seq_len, c.hidden_size, _weight=torch.empty(c.seq_len, c.hidden_size,
+                                                                                    device=ctx.device))
             normal(self.wpe.weight.data)
         else:
             self.rotary = RotaryEmbedding(c)
@@ -295,7 +298,7 @@ class Attention(nn.Module):
         """SDPA; a KV head serves the Q query heads of its group (`enable_gqa`, HF's `repeat_kv`)."""
         p = self.config.dropout if self.training else 0.0
         causal = mask is None
-        with rng.fork(TP):  # each rank's heads are different heads: distinct masks
+        with rng.fork(TP) if p > 0 else contextlib.nullcontext():  # each rank's heads differ: distinct masks
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
                                                   enable_gqa=self.q_per_group > 1)
 
@@ -399,7 +402,3 @@ def _residual_dropout(x, c: GPTConfig, rng: RNGTracker, training: bool):
 
 def _normal_init(std: float, gen: torch.Generator):
     return lambda w: w.normal_(0.0, std, generator=gen)
-
-
-def _no_init(w: torch.Tensor) -> None:
-    pass

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .mappings import (all_gather_dim0, gather_from_tp, reduce_from_tp, reduce_scatter_dim0,
-                       reduce_scatter_to_sp, scatter_to_tp)
+from .mappings import (all_gather_dim0, all_reduce, gather_from_tp, reduce_from_tp, reduce_scatter_dim0,
+                       reduce_scatter_to_sp, scatter_to_tp, wait)
 
 InitMethod = Callable[[torch.Tensor], None]
 
@@ -40,15 +40,25 @@ def gather_tp_shards(local: torch.Tensor, dim: int | None, group: dist.ProcessGr
     return torch.cat(parts, dim=dim)
 
 
-def _sharded_parameter(full_shape, dim, group, init_method: InitMethod, device) -> nn.Parameter:
-    """Draw the full tensor, keep this rank's block of `dim`.
+def skip_init(w: torch.Tensor) -> None:
+    """The init method of a model about to load its weights (a resumed or converted checkpoint): no draw."""
 
-    Every rank draws the same full tensor (Megatron's CPU initialization), so a model built from one
-    seed holds the same full weights whatever T is."""
-    full = torch.empty(full_shape)
-    init_method(full)
+
+def _sharded_parameter(full_shape, dim, group, init_method: InitMethod, device) -> nn.Parameter:
+    """Draw the full tensor on `device`, keep this rank's block of `dim`.
+
+    Every rank draws the same full tensor (Megatron's CPU initialization, here on the device, where drawing
+    8B parameters takes a second instead of a minute), so a model built from one seed holds the same full
+    weights whatever T is. With `skip_init` only this rank's block is allocated, and nothing drawn."""
     T, r = dist.get_world_size(group), dist.get_rank(group)
-    param = nn.Parameter(full.chunk(T, dim=dim)[r].clone().to(device))
+    if init_method is skip_init:
+        local = list(full_shape)
+        local[dim] //= T
+        param = nn.Parameter(torch.empty(local, device=device))
+    else:
+        full = torch.empty(full_shape, device=device)
+        init_method(full)
+        param = nn.Parameter(full.chunk(T, dim=dim)[r].clone())
     param.tp_partition_dim = dim
     return param
 
@@ -63,6 +73,12 @@ def _default_weight_init(fan_in: int) -> InitMethod:
     return lambda w: nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on x's device, or None when autocast is off there."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 class _ColumnParallelLinearFn(torch.autograd.Function):
     """y = x W^T + b on this rank's rows of W.
 
@@ -70,38 +86,41 @@ class _ColumnParallelLinearFn(torch.autograd.Function):
     already replicated (paper's `f`, identity). Backward: dL/dx is all-reduced (reduce-scattered under SP)
     asynchronously while dL/dW is computed, Megatron's overlap; with `overlap_grad_reduce=False` it is
     waited for before dL/dW (same math, the un-overlapped baseline). Under SP only the local sequence
-    shard of x is saved, and it is gathered again in backward: activation memory stays 1/T."""
+    shard of x is saved, and it is gathered again in backward: activation memory stays 1/T.
+
+    Under autocast, x is cast to the autocast dtype before it is saved and gathered (the norm before it
+    returns float32), as Megatron gathers bf16: half the bytes saved and moved. The collectives are torch's
+    functional ones, so torch.compile traces the whole layer, backward included."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, group, sequence_parallel, overlap_grad_reduce=True):
         ctx.group, ctx.sequence_parallel, ctx.has_bias = group, sequence_parallel, bias is not None
-        ctx.overlap_grad_reduce = overlap_grad_reduce
+        ctx.overlap_grad_reduce, ctx.autocast = overlap_grad_reduce, autocast_dtype(x)
+        if ctx.autocast is not None:
+            x = x.to(ctx.autocast)
         ctx.save_for_backward(x, weight)
         x_total = all_gather_dim0(x, group) if sequence_parallel else x
-        return F.linear(x_total, weight, bias)
+        return F.linear(x_total, weight, bias)  # autocast (when on) casts the weight, from its cache
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         group, sp = ctx.group, ctx.sequence_parallel
         if sp:
-            x_total, gather = all_gather_dim0(x, group, async_op=True)
+            x_total = all_gather_dim0(x, group, wait=False)
         grad_in = grad_out.matmul(weight.to(grad_out.dtype))
         if sp:
-            gather.wait()
-            grad_in, reduce = reduce_scatter_dim0(grad_in, group, async_op=True)
+            x_total = wait(x_total)
+            grad_in = reduce_scatter_dim0(grad_in, group, wait=False)
         else:
             x_total = x
-            reduce = dist.all_reduce(grad_in, group=group, async_op=True)
+            grad_in = all_reduce(grad_in, group, wait=False)
         if not ctx.overlap_grad_reduce:
-            reduce.wait()  # the baseline: the collective alone first, then dL/dW
+            grad_in = wait(grad_in)  # the baseline: the collective alone first, then dL/dW
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = grad_out_2d.t().matmul(x_total.reshape(-1, x_total.shape[-1]).to(grad_out.dtype))
         grad_bias = grad_out_2d.sum(0) if ctx.has_bias else None
-        reduce.wait()  # a second wait (baseline) returns at once
-        return grad_in, grad_weight, grad_bias, None, None, None
+        return wait(grad_in), grad_weight, grad_bias, None, None, None
 
 
 def column_parallel_linear(x, weight, bias, group, sequence_parallel: bool, overlap_grad_reduce: bool = True):
@@ -216,9 +235,14 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         partial = F.embedding(local_ids, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)  # backward
         # of an embedding needs only the ids, so zeroing its output in place is safe
-        if self.sequence_parallel:
-            return reduce_scatter_to_sp(partial, self.tp_group)
-        return reduce_from_tp(partial, self.tp_group)
+        # Under autocast the sum travels in bf16 (exact: a token's row is non-zero on one rank only) and comes
+        # back in the weight's dtype: the residual stream keeps the dtype it has at T=1.
+        low = autocast_dtype(partial)
+        if low is not None:
+            partial = partial.to(low)
+        y = reduce_scatter_to_sp(partial, self.tp_group) if self.sequence_parallel else \
+            reduce_from_tp(partial, self.tp_group)
+        return y.to(self.weight.dtype)
 
     def extra_repr(self):
         return (f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, {self.vocab_end}), "

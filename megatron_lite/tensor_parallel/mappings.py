@@ -20,31 +20,38 @@ def group_size(group: dist.ProcessGroup) -> int:
 
 
 # ---- raw collectives on contiguous tensors (no autograd) ------------------------------------------
+# torch's functional collectives (`_c10d_functional` ops): plain ops that torch.compile traces into its graph
+# (the c10d calls with `async_op=True` each break it), asynchronous until `wait` in eager mode.
 
-def all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    if group_size(group) > 1:
-        dist.all_reduce(x, group=group)
-    return x
+_c10d = torch.ops._c10d_functional
 
 
-def all_gather_dim0(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+def wait(x: torch.Tensor) -> torch.Tensor:
+    """Wait for the collective that produces `x` (returned by one of the functions below with wait=False)."""
+    return _c10d.wait_tensor(x)
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup, op: str = "sum", wait: bool = True) -> torch.Tensor:
+    """x reduced over the group (`op`: sum | max), in a new tensor (the functional op's semantics)."""
+    if group_size(group) == 1:
+        return x
+    out = _c10d.all_reduce(x, op, group.group_name)
+    return _c10d.wait_tensor(out) if wait else out
+
+
+def all_gather_dim0(x: torch.Tensor, group: dist.ProcessGroup, wait: bool = True) -> torch.Tensor:
     """Concatenate the ranks' tensors along dim 0 (the sequence, for `[s, b, h]` activations)."""
-    world = group_size(group)
-    x = x.contiguous()
-    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    work = dist.all_gather_single(out, x, group=group, async_op=async_op)
-    return (out, work) if async_op else out
+    out = _c10d.all_gather_into_tensor(x.contiguous(), group_size(group), group.group_name)
+    return _c10d.wait_tensor(out) if wait else out
 
 
-def reduce_scatter_dim0(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+def reduce_scatter_dim0(x: torch.Tensor, group: dist.ProcessGroup, wait: bool = True) -> torch.Tensor:
     """Sum over ranks and keep this rank's block of dim 0."""
     world = group_size(group)
     if x.shape[0] % world:
         raise ValueError(f"cannot reduce-scatter dim 0 of size {x.shape[0]} over {world} ranks")
-    x = x.contiguous()
-    out = torch.empty((x.shape[0] // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    work = dist.reduce_scatter_single(out, x, group=group, async_op=async_op)
-    return (out, work) if async_op else out
+    out = _c10d.reduce_scatter_tensor(x.contiguous(), "sum", world, group.group_name)
+    return _c10d.wait_tensor(out) if wait else out
 
 
 def split_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -73,7 +80,7 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
+        return all_reduce(grad.contiguous(), ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -147,9 +154,7 @@ def copy_to_tp(x, group):
 
 
 def reduce_from_tp(x, group):
-    """Paper's `g`: all-reduce over TP forward; identity backward.
-
-    Reduces a contiguous `x` in place (it is a fresh partial product wherever the layers use it)."""
+    """Paper's `g`: all-reduce over TP forward; identity backward."""
     return _ReduceFromTP.apply(x, group) if group_size(group) > 1 else x
 
 
