@@ -120,7 +120,7 @@ def zero_dp_collectives(padded: int, buckets: int, dp: int, zero: int, ddp_bucke
 
     zero=0: DDP's all-reduce of the P/t local gradients (one per DDP bucket). zero=1 (ZeRO section 7):
     a reduce-scatter of the gradients and an all-gather of the updated parameters, one per bucket, each over
-    the P/t local elements padded to a multiple of DP per bucket (`padded`), and the grad norm's all-reduce of
+    the P/t local elements padded to a multiple of lcm(DP, 128) per bucket (`padded`), and the grad norm's all-reduce of
     one float. Per rank a ring moves 2(dp-1)/dp of an all-reduced tensor and (dp-1)/dp of a reduce-scattered
     or all-gathered one: the same bytes, padding aside."""
     if dp == 1:

@@ -170,7 +170,8 @@ def _finalize_ab(device, cfg_kw: dict, micro_batch: int, accum: int, warmup: int
             loss = hooked(tokens, targets)
             (loss / accum).backward()
             total += loss.item()
-        norm = grad_norm([(p.grad, tp_partition_dim(p) is not None) for p in hooked.parameters()], ctx.tp_group)
+        norm = grad_norm([(p.grad, tp_partition_dim(p) is not None) for p in hooked.parameters()], ctx.tp_group,
+                         device=device)
         torch.nn.utils.clip_grads_with_norm_(hooked.parameters(), OPTIM["grad_clip"], norm)
         adamw.step()
         adamw.zero_grad(set_to_none=True)

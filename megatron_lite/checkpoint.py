@@ -3,7 +3,7 @@
 Every parameter and AdamW moment is saved as a global tensor described by its shards (a DTensor over
 the DP x TP mesh: replicated over DP, split over TP along the layer's `tp_partition_dim`), so DCP can
 read a checkpoint into any DP x TP layout, SP on or off, parallel.zero 0 or 1 (the distributed optimizer
-hands over its moments whole, gathered over DP, and keeps its own ranges on load). Nothing is gathered to
+hands over its owned ranges as pieces of the same global tensors, checkpoint_shards.py). Nothing is gathered to
 one rank.
 
 A checkpoint is complete or invisible: it is written to `step_NNNNNNN.tmp/` and renamed to
@@ -35,9 +35,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .checkpoint_shards import sharded_moment
 from .data import DataError
+from .distributed_optimizer import DistributedOptimizer
 from .hf import hf_model_config, is_hf_model_dir, load_hf_weights
 from .tensor_parallel import tp_partition_dim
+from .tensor_parallel.random import RNGTracker
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
@@ -175,19 +178,70 @@ def model_state(model, ctx, mesh=None) -> dict:
 
 
 def _full_state(model, opt, ctx) -> dict:
-    """The state dict DCP saves or loads into: the model, AdamW's moments and step (`opt.full_state()`: whole
-    per-parameter tensors whatever parallel.zero), the RNG streams."""
+    """The state dict DCP saves or loads into: the model, AdamW's moments and step, the RNG streams. The moments
+    are whole per-parameter global tensors whatever parallel.zero: zero=0's live tensors as DTensors, zero=1's
+    owned ranges as pieces of them (checkpoint_shards.py), nothing gathered."""
     mesh = _mesh(ctx)
     sd = model_state(model, ctx, mesh)
-    moments = opt.full_state()
-    for n, p in model.named_parameters():
-        st = moments[n]
-        sd[f"optim.{n}.exp_avg"] = _global(st["exp_avg"], p, mesh, ctx.tp_size)
-        sd[f"optim.{n}.exp_avg_sq"] = _global(st["exp_avg_sq"], p, mesh, ctx.tp_size)
-        sd[f"optim.{n}.step"] = st["step"]
-    for name, state in model.rng.get_states().items():  # the TP-distinct stream is saved per TP rank
-        sd[f"rng.{name}" + (f".{ctx.tp_rank}" if name == "tp" else "")] = state
+    if isinstance(opt, DistributedOptimizer):
+        sd.update(_zero_moments(model, opt, ctx))
+    else:
+        moments = opt.full_state()
+        for n, p in model.named_parameters():
+            st = moments[n]
+            sd[f"optim.{n}.exp_avg"] = _global(st["exp_avg"], p, mesh, ctx.tp_size)
+            sd[f"optim.{n}.exp_avg_sq"] = _global(st["exp_avg_sq"], p, mesh, ctx.tp_size)
+            sd[f"optim.{n}.step"] = st["step"]
+    sd.update(_rng_entries(model.rng.get_states(), ctx))
     return sd
+
+
+def _zero_moments(model, opt: DistributedOptimizer, ctx) -> dict:
+    """zero=1's moments: each rank's owned ranges, views of its state, as pieces of the global tensors."""
+    owners, mine = opt.owned_ranges(), {s.name: s for segs in opt.segments for s in segs}
+    grid = ctx.grid[ctx.pp_rank]
+
+    def rank_of(dp_cp: int, tp: int) -> int:
+        return grid[dp_cp // ctx.cp_size][dp_cp % ctx.cp_size][tp]
+
+    sd = {}
+    for n, p in model.named_parameters():
+        seg = mine.get(n)
+        for key in ("exp_avg", "exp_avg_sq"):
+            sd[f"optim.{n}.{key}"] = sharded_moment(p, tp_partition_dim(p), ctx.tp_size, owners[n],
+                                                    getattr(seg, key, None), (ctx.dp_cp_rank, ctx.tp_rank), rank_of)
+        sd[f"optim.{n}.step"] = opt.step_tensor()
+    return sd
+
+
+def _rng_key(stream: str, ctx, kind: str | None) -> str:
+    """A stream's key: by device type (a CUDA generator's state is 16 bytes, a CPU one's 5056: neither loads into
+    the other; `kind` None: the key of checkpoints from before that), the TP-distinct stream per TP rank."""
+    return "rng." + (f"{kind}." if kind else "") + stream + (f".{ctx.tp_rank}" if stream == "tp" else "")
+
+
+def _rng_entries(states: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
+    return {_rng_key(stream, ctx, ctx.device.type): st for stream, st in states.items()}
+
+
+def _rng_to_load(saved: dict, path: Path, model, ctx, log) -> dict[str, str]:
+    """stream -> its key in checkpoint `path`: this device type's entry (or one from before entries were keyed
+    by device, if its size fits). A checkpoint whose streams come from another kind of device reseeds them from
+    the seed and the step, with one log line, so that a GPU run resumes on CPU and back."""
+    found = {}
+    for stream, state in model.rng.get_states().items():
+        for key in (_rng_key(stream, ctx, ctx.device.type), _rng_key(stream, ctx, None)):
+            if key in saved and list(saved[key].size) == list(state.shape):
+                found[stream] = key
+                break
+    if not found and any(k.startswith("rng.") for k in saved):
+        kinds = sorted({k.split(".")[1] for k in saved if k.startswith("rng.")} - {"shared", "tp"})
+        step = read_meta(path).get("step", 0) if (path / "meta.json").is_file() else 0
+        model.rng = RNGTracker(model.config.seed + 1000003 * (step + 1), ctx.tp_rank, ctx.device)
+        log(f"checkpoint {path}: its dropout RNG streams come from another kind of device "
+            f"({', '.join(kinds) or 'not cpu'}; this run: {ctx.device.type}): reseeded them from model.seed and "
+            f"step {step}")
+    return found
 
 
 def check_shapes(saved: dict, model, ctx, path: Path) -> None:
@@ -204,18 +258,20 @@ def check_shapes(saved: dict, model, ctx, path: Path) -> None:
                                   f"model: load a checkpoint of the same model shape (model.* settings)")
 
 
-def load_state(path: Path, model, opt, ctx, process_group=None) -> None:
+def load_state(path: Path, model, opt, ctx, process_group=None, log=None) -> None:
     """Load model, AdamW state and RNG streams from checkpoint `path` in place: any DP x TP layout, SP and
-    parallel.zero on or off. `process_group`: the ranks of `ctx` when they are not the whole job (tests)."""
+    parallel.zero on or off, saved on any kind of device. `process_group`: the ranks of `ctx` when they are not
+    the whole job (tests); `log`: where a note on reseeded RNG streams goes (print)."""
     saved = verify(path)
     check_shapes(saved, model, ctx, path)
-    sd = {k: v for k, v in _full_state(model, opt, ctx).items() if k in saved or not k.startswith("rng.")}
+    sd = {k: v for k, v in _full_state(model, opt, ctx).items() if not k.startswith("rng.")}
+    streams = _rng_to_load(saved, path, model, ctx, log or print)
+    sd.update({key: model.rng.get_states()[stream] for stream, key in streams.items()})
     dcp.load(sd, checkpoint_id=str(path), process_group=process_group)
-    opt.load_full_state({n: {"exp_avg": sd[f"optim.{n}.exp_avg"].to_local(), "step": sd[f"optim.{n}.step"],
-                             "exp_avg_sq": sd[f"optim.{n}.exp_avg_sq"].to_local()}
-                         for n, _ in model.named_parameters()})
-    loaded = {k.split(".")[1]: v for k, v in sd.items() if k.startswith("rng.")}
-    model.rng.set_states({**model.rng.get_states(), **loaded})  # a stream not in it keeps its seed
+    if isinstance(opt, DistributedOptimizer):  # the moments were loaded in place; the step count was not
+        opt.load_step_count({n: sd[f"optim.{n}.step"] for n, _ in model.named_parameters()})
+    model.rng.set_states({**model.rng.get_states(), **{stream: sd[key] for stream, key in streams.items()}})
+    # (a stream not in the checkpoint, e.g. the TP stream of a TP rank the saving layout did not have, keeps its seed)
 
 
 class Checkpointer:
@@ -257,7 +313,7 @@ class Checkpointer:
             return {"step": 0, "consumed_samples": 0}
         meta = read_meta(path)
         check_same_data(meta.get("data"), self.corpus.identity(), path, self.cfg.data.allow_corpus_change, self.log)
-        load_state(path, model, opt, self.ctx)
+        load_state(path, model, opt, self.ctx, log=self.log)
         if path.parent == self.root:  # this run's own checkpoint: a stop right away needs no new save
             self.saved_step = meta["step"]
         return {"step": meta["step"], "consumed_samples": meta["consumed_samples"]}

@@ -78,6 +78,8 @@ class TrainConfig:
     eval_iters: int = 4  # micro batches per evaluation
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the model
+    compile_timeout_s: float = 1800.0  # the hang timeout of a launch's first step under compile (it compiles)
+    tf32: bool = True  # GPUs: float32 matmuls on TF32 tensor cores (train.dtype=float32, autocast's fp32 parts)
     device: str = "auto"  # auto | cpu | cuda
     # ending well on a cluster (megatron_lite/resilience.py)
     max_minutes: Optional[float] = None  # save and exit 0 before the next step would cross this; None: no limit
@@ -280,6 +282,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _need(0 <= t.hang_timeout_s < COLLECTIVE_TIMEOUT_S,
           f"train.hang_timeout_s={t.hang_timeout_s:g} must be in [0, {COLLECTIVE_TIMEOUT_S:g}) (0: off): below the "
           f"collective timeout, or the collective times out first, without a report")
+    _need(t.compile_timeout_s > 0, f"train.compile_timeout_s={t.compile_timeout_s:g} must be > 0 (seconds)")
     _need(t.exit_grace_s > 0, f"train.exit_grace_s={t.exit_grace_s:g} must be > 0")
     for name in t.exit_signals:
         _need(name in _CATCHABLE, f"train.exit_signals has {name!r}: use signal names such as SIGTERM, SIGUSR1 "

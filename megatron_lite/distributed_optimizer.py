@@ -9,7 +9,7 @@ keeps and updates the AdamW moments of 1/DP of the parameters, so fp32 training 
   and its gradient a view into a flat fp32 gradient buffer of the same layout: autograd accumulates into it
   in place, micro-batch after micro-batch.
 - The buffers are cut into buckets of about `bucket_bytes`, parameters taken in reverse order (roughly the
-  order backward produces their gradients). Each bucket is padded to a multiple of DP and split into DP equal
+  order backward produces their gradients). Each bucket is padded to a multiple of lcm(DP, 128) and split into DP equal
   contiguous shards: DP rank d owns shard d of every bucket. A parameter may straddle shards, and a small one
   may have no element on some rank. The TP ranks of one DP rank hold same-shaped shards of the model, so
   they have the same layout and own the same ranges.
@@ -27,10 +27,10 @@ A reduce-scatter plus an all-gather of the P/T local elements move the same logi
 all-reduce (ZeRO section 7); on gloo a reduce-scatter runs a whole all-reduce underneath, so on CPU the
 gain is memory only.
 
-Checkpoints stay layout-free: `full_state()` all-gathers the moments over DP into full per-parameter tensors
-laid out like the parameters, what zero=0 holds, so DCP writes the same global tensors whatever `zero` and
-the layout; `load_full_state()` keeps this rank's ranges of what was loaded. (While a checkpoint is saved or
-loaded this rank holds the full moments, 8 bytes per local parameter, as zero=0 does all the time.)
+Checkpoints stay layout-free without gathering anything: each rank hands DCP its owned ranges of the moments
+(`owned_ranges()`, views of its state) as pieces of the full per-parameter tensors laid out like the parameters,
+what zero=0 saves, so DCP writes the same global tensors whatever `zero` and the layout, and loads each rank's
+ranges in place (checkpoint_shards.py). A save or load adds no more than one parameter's piece to memory.
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ class Segment:
 
 
 class Bucket:
-    """Parameters [offset, offset + numel) of the flat buffers (numel a multiple of DP), and their collectives."""
+    """Parameters [offset, offset + numel) of the flat buffers (numel a multiple of lcm(DP, 128)), and their
+    collectives."""
 
     def __init__(self, params: list[tuple[str, nn.Parameter, int]], offset: int, numel: int, dp: int, dp_rank: int):
         self.params = params  # (name, parameter, offset in the flat buffers)
@@ -75,6 +76,13 @@ class Bucket:
         self.ready: set[int] = set()  # ids of the parameters whose gradient is complete (last micro-batch)
         self.launched = False  # its reduce-scatter has been issued (this step)
         self.work = None  # the reduce-scatter in flight (None at DP=1: nothing to reduce)
+
+
+def _in_shard(b: Bucket, dp_rank: int, offset: int, numel: int) -> tuple[int, int]:
+    """The elements [start, end) of the parameter at `offset` (numel elements) in DP rank dp_rank's shard of
+    bucket b, relative to the parameter; start >= end when there are none."""
+    lo = b.offset + dp_rank * b.shard_numel
+    return max(lo, offset) - offset, min(lo + b.shard_numel, offset + numel) - offset
 
 
 class DistributedOptimizer:
@@ -97,6 +105,9 @@ class DistributedOptimizer:
         for n, p in named:
             if p.dtype != torch.float32:
                 raise TypeError(f"parallel.zero=1 keeps fp32 parameters (bf16 runs under autocast); {n} is {p.dtype}")
+        # Megatron-Core pads each bucket to a multiple of lcm(DP, 128) elements: DP equal shards, and every bucket
+        # (so every collective's buffer) starting at a 512-byte boundary of the flat buffers
+        self.pad = math.lcm(self.dp, 128)
         self.buckets = self._make_buckets(named[::-1], bucket_bytes)
         total = sum(b.numel for b in self.buckets)
         self.param_buffer = torch.zeros(total, dtype=torch.float32, device=ctx.device)
@@ -130,24 +141,36 @@ class DistributedOptimizer:
             current.append((name, p, offset + size))
             size += p.numel()
             if size * 4 >= bucket_bytes or k == len(named) - 1:
-                numel = math.ceil(size / self.dp) * self.dp  # padded: DP equal shards
+                numel = math.ceil(size / self.pad) * self.pad  # DP equal shards, every bucket 128-aligned
                 buckets.append(Bucket(current, offset, numel, self.dp, self.ctx.dp_cp_rank))
                 current, offset, size = [], offset + numel, 0
         return buckets
 
     def _owned_segments(self, b: Bucket, state_offset: int) -> list[Segment]:
         """The parts of b's parameters inside this rank's shard, with views into the buffers and the state."""
-        lo, hi = b.shard_offset, b.shard_offset + b.shard_numel
         out = []
         for name, p, offset in b.params:
-            start, end = max(lo, offset), min(hi, offset + p.numel())
+            start, end = _in_shard(b, self.ctx.dp_cp_rank, offset, p.numel())
             if start >= end:
                 continue  # none of this parameter is ours
+            lo = b.shard_offset - offset  # the shard's start, relative to the parameter
             state = slice(state_offset + start - lo, state_offset + end - lo)
             step_device = self.ctx.device if self.fused else "cpu"  # where torch.optim.AdamW keeps it
-            out.append(Segment(name, p, start - offset, end - offset, self.param_buffer[start:end],
-                               self.grad_buffer[start:end], self.exp_avg[state], self.exp_avg_sq[state],
-                               torch.zeros((), dtype=torch.float32, device=step_device)))
+            out.append(Segment(name, p, start, end, self.param_buffer[offset + start:offset + end],
+                               self.grad_buffer[offset + start:offset + end], self.exp_avg[state],
+                               self.exp_avg_sq[state], torch.zeros((), dtype=torch.float32, device=step_device)))
+        return out
+
+    def owned_ranges(self) -> dict[str, list[tuple[int, int, int]]]:
+        """name -> [(DP x CP rank, start, end)]: who owns which elements of each flattened local parameter (the
+        same on every rank, so each can describe every rank's part; checkpoint_shards.py)."""
+        out: dict[str, list[tuple[int, int, int]]] = {}
+        for b in self.buckets:
+            for name, p, offset in b.params:
+                for d in range(self.dp):
+                    start, end = _in_shard(b, d, offset, p.numel())
+                    if start < end:
+                        out.setdefault(name, []).append((d, start, end))
         return out
 
     # ---- gradients: bucketed reduce-scatter over DP during the last backward --------------------------------
@@ -202,7 +225,7 @@ class DistributedOptimizer:
                     b.work = None
             finalize_model_grads(self.model, self.replicated_grad_shards)
             grads = [(s.grad, tp_partition_dim(s.param) is not None) for segs in self.segments for s in segs]
-            self._norm = grad_norm(grads, self.ctx.tp_group, self.dp_group)
+            self._norm = grad_norm(grads, self.ctx.tp_group, self.dp_group, device=self.ctx.device)
         return self._norm
 
     # ---- the update: AdamW on the owned shard, then all-gather of the parameters ----------------------------
@@ -252,7 +275,8 @@ class DistributedOptimizer:
 
     def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """name -> {exp_avg, exp_avg_sq, step}: the moments of every local parameter, whole and laid out like
-        it, all-gathered over DP (collective); what zero=0 keeps, so the checkpoint is the same."""
+        it, all-gathered over DP (collective; 8 bytes per local parameter): what zero=0 keeps. For tests and
+        inspection: checkpoints save and load each rank's ranges in place (checkpoint_shards.py)."""
         full = {}
         for key, state in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
             flat = torch.empty_like(self.param_buffer)
@@ -270,18 +294,19 @@ class DistributedOptimizer:
         for b in self.buckets:
             for name, p, offset in b.params:
                 out[name] = {key: full[key][offset:offset + p.numel()].view_as(p) for key in full}
-                out[name]["step"] = torch.tensor(float(self.num_steps),
-                                                 device=self.ctx.device if self.fused else "cpu")
+                out[name]["step"] = self.step_tensor()
         return out
 
-    def load_full_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Keep this rank's ranges of the full moments (as `full_state()` lays them out) and the step count."""
-        steps = {float(s["step"]) for s in state.values()}
-        if len(steps) != 1:
-            raise ValueError(f"the AdamW step counts of the parameters differ ({sorted(steps)}): not one optimizer's")
-        self.num_steps = int(steps.pop())
+    def step_tensor(self) -> torch.Tensor:
+        """AdamW's step count as torch.optim.AdamW keeps it per parameter (a checkpoint's `optim.<name>.step`)."""
+        return torch.tensor(float(self.num_steps), device=self.ctx.device if self.fused else "cpu")
+
+    def load_step_count(self, steps: dict[str, torch.Tensor]) -> None:
+        """Set the step count from a checkpoint's per-parameter counts (the moments were loaded in place)."""
+        counts = {float(s) for s in steps.values()}
+        if len(counts) != 1:
+            raise ValueError(f"the AdamW step counts of the parameters differ ({sorted(counts)}): not one optimizer's")
+        self.num_steps = int(counts.pop())
         for segs in self.segments:
             for s in segs:
-                s.exp_avg.copy_(state[s.name]["exp_avg"].reshape(-1)[s.start:s.end])
-                s.exp_avg_sq.copy_(state[s.name]["exp_avg_sq"].reshape(-1)[s.start:s.end])
                 s.step.fill_(self.num_steps)

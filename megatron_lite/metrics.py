@@ -94,7 +94,7 @@ class MetricsLogger:
                   f"rank: {mem['states_gb']:.2f} GiB weights+grads+AdamW ({per_param}), {mem['activations_gb']:.2f} "
                   f"GiB activations per micro-batch")
         if optimizer_state_bytes is not None:
-            how = ("parallel.zero=1: AdamW moments split over DP, buckets padded to a multiple of DP" if dp > 1 else
+            how = ("parallel.zero=1: AdamW moments split over DP, buckets padded to a multiple of lcm(DP, 128)" if dp > 1 else
                    f"parallel.zero={cfg.parallel.zero}: AdamW moments replicated over DP")
             self.info(f"optimizer state per rank: {optimizer_state_bytes / 2**20:.2f} MiB measured "
                       f"({optimizer_state_bytes:,} bytes), theory 8 B x {local:,} local parameters"

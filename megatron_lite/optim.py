@@ -9,7 +9,8 @@
 The interface (Megatron-Core's `MegatronOptimizer`): `module` (what the loop calls forward on), `no_sync()`
 (around every micro-batch but the last), `prepare_grads()` (finalize the gradients, return the global norm),
 `step()` (prepare_grads if the loop has not, clip, update; returns the norm), `zero_grad()`, `param_groups`
-(the loop sets each group's "lr"), `state_bytes()`, and `full_state()` / `load_full_state()` for checkpoints.
+(the loop sets each group's "lr"), `state_bytes()`, and `full_state()` (AdamW's state per parameter, whole;
+checkpoint.py saves zero=0's live tensors, and zero=1's owned ranges in place: checkpoint_shards.py).
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ _NO_DECAY_NAMES = ("wte.weight", "wpe.weight")  # embeddings
 
 
 def param_groups(model: nn.Module, o) -> list[dict]:
-    """No weight decay on LayerNorms, biases and embeddings (GPT-2 / Megatron practice)."""
+    """No weight decay on norms, biases and embeddings (GPT-2 / Megatron practice): by name for biases, whatever
+    their shape (SwiGLU's fused gate/up bias is 2-D), and the embeddings; by shape (1-D) for the norms."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and name not in _NO_DECAY_NAMES else no_decay).append(p)
+        exempt = p.dim() < 2 or name.endswith("bias") or name in _NO_DECAY_NAMES
+        (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -72,13 +75,13 @@ def finalize_model_grads(model: nn.Module, replicated_grads: list[torch.Tensor] 
 
 
 def grad_norm(grads: list[tuple[torch.Tensor, bool]], tp_group: dist.ProcessGroup,
-              dp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+              dp_group: dist.ProcessGroup | None = None, *, device: torch.device) -> torch.Tensor:
     """The global L2 norm of the full model's gradient, from (gradient, is TP-sharded) pairs.
 
     A TP-sharded gradient contributes each of its shards once (summed over the TP group); a replicated one,
     the same on every TP rank, once. `dp_group`: the gradients are DP shards (the distributed optimizer's),
-    summed over DP too; without it they are equal on every DP rank (DDP's average)."""
-    device = grads[0][0].device if grads else torch.device("cpu")
+    summed over DP too; without it they are equal on every DP rank (DDP's average). `device`: where the sums
+    live, also on a rank with no gradient to contribute (its zeros go through NCCL on a GPU)."""
 
     def sq(gs):
         if not gs:
@@ -116,7 +119,10 @@ class Optimizer:
     def __init__(self, model: nn.Module, o, ctx):
         self.model, self.ctx, self.grad_clip = model, ctx, o.grad_clip
         # the DP x CP group: every CP rank holds the same weights, and its gradient covers its own tokens
-        self.module = DDP(model, process_group=ctx.dp_cp_group) if ctx.dp_cp_size > 1 else model
+        # gradient_as_bucket_view: the gradients are views of DDP's buckets, not a second copy (4 B/param);
+        # broadcast_buffers off: the model's buffers (RoPE frequencies) are computed, equal on every rank
+        self.module = DDP(model, process_group=ctx.dp_cp_group, gradient_as_bucket_view=True,
+                          broadcast_buffers=False) if ctx.dp_cp_size > 1 else model
         self.adamw = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                        fused=bool(o.fused and ctx.device.type == "cuda"))
         init_adam_state(self.adamw)
@@ -132,7 +138,7 @@ class Optimizer:
         if self._norm is None:
             finalize_model_grads(self.model)
             self._norm = grad_norm([(p.grad, tp_partition_dim(p) is not None) for p in self.model.parameters()
-                                    if p.grad is not None], self.ctx.tp_group)
+                                    if p.grad is not None], self.ctx.tp_group, device=self.ctx.device)
         return self._norm
 
     @torch.no_grad()
@@ -155,6 +161,3 @@ class Optimizer:
     def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """name -> {exp_avg, exp_avg_sq, step}: the live state tensors (a checkpoint loads into them in place)."""
         return {n: self.adamw.state[p] for n, p in self.model.named_parameters()}
-
-    def load_full_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Nothing to do: `full_state()` handed out the live tensors, which DCP has loaded in place."""

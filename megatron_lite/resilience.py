@@ -23,7 +23,9 @@ Three mechanisms, each a small class, and `RunGuard`, which the training loop ca
 
 The ranks agree on stopping with one all-reduce of four integers per step (`Agreement`), which also carries
 the outcome of checkpoint saves (see checkpoint.py): Megatron-LM's `DistributedSignalHandler` all-gathers a
-flag per step in the same way. Its cost, and the watchdog's, are measured in `make bench` (section 8).
+flag per step in the same way. The training loop issues it once the step's gradients are final (`votes`) and
+reads it with the step's loss and gradient norm in one device-to-host transfer (`decide`); the step then
+completes, and the run stops after it. Its cost, and the watchdog's, are measured in `make bench` (section 8).
 
 `MEGATRON_LITE_FAULT=stall:rank=R:step=S[:seconds=T]` (tests only, read in `_fault`) makes rank R sleep at the
 start of step S, to produce a hang on purpose.
@@ -62,9 +64,14 @@ class Agreement:
     def sum(self, values: list[int]) -> list[int]:
         if self.world_size == 1:
             return list(values)
+        return self.start(values).tolist()
+
+    def start(self, values: list[int]) -> torch.Tensor:
+        """The sums as a tensor on the device, not read yet (the caller reads them with other values)."""
         t = torch.tensor(values, dtype=torch.int64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
 
 
 class ExitSignals:
@@ -126,7 +133,10 @@ class ExitSignals:
 
 
 class TimeLimit:
-    """train.max_minutes: stop before the next iteration would cross it (at least one step per launch)."""
+    """train.max_minutes: stop before the next iteration would cross it (at least one step per launch).
+
+    Asked during an iteration (once its gradients are final), so the answer covers the rest of this iteration,
+    the next one and the save of the stop, each estimated by the longest recent iteration."""
 
     def __init__(self, max_minutes: float | None, start: float):
         self.limit_s = None if max_minutes is None else 60.0 * max_minutes
@@ -134,10 +144,17 @@ class TimeLimit:
         self.iterations = deque(maxlen=10)  # seconds of the last iterations (step + evaluation + save)
         self.save_s = 0.0  # the last save's duration: the stop itself saves
 
-    def would_cross(self, now: float) -> bool:
-        if self.limit_s is None or not self.iterations:
+    def remaining_s(self, now: float, iteration_start: float | None) -> float:
+        """Seconds the rest of this iteration, the next one and a save may take."""
+        if iteration_start is None:
+            return 0.0
+        longest = max([*self.iterations, now - iteration_start])
+        return iteration_start + 2 * longest + self.save_s - now
+
+    def would_cross(self, now: float, iteration_start: float | None) -> bool:
+        if self.limit_s is None or iteration_start is None:
             return False
-        return now - self.start + max(self.iterations) + self.save_s > self.limit_s
+        return now - self.start + self.remaining_s(now, iteration_start) > self.limit_s
 
 
 class HangWatchdog:
@@ -154,9 +171,9 @@ class HangWatchdog:
         self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
         self._thread.start()
 
-    def arm(self, phase: str) -> None:
+    def arm(self, phase: str, timeout_s: float | None = None) -> None:
         self.phase, self.armed_ns = phase, time.time_ns()
-        self._deadline = time.monotonic() + self.timeout_s
+        self._deadline = time.monotonic() + (timeout_s or self.timeout_s)
 
     def disarm(self) -> None:
         self._deadline = None
@@ -224,17 +241,22 @@ class RunGuard:
             self.watchdog = HangWatchdog(self.t.hang_timeout_s, self._hang)
         self.stall = _fault(ctx.rank)
         self._phase, self._phase_start = "", time.monotonic()
-        self._iteration_start = None
+        self._iteration_start, self._voted_at = None, time.monotonic()
         return self.agreement
 
-    def arm(self, phase: str) -> None:
-        """Start a phase ("step N", "evaluation", "checkpoint save"): the hang timeout counts from here."""
+    def arm(self, phase: str, timeout_s: float | None = None) -> None:
+        """Start a phase ("step N", "evaluation", "checkpoint save"): the hang timeout (`timeout_s`, else
+        train.hang_timeout_s) counts from here."""
         now = time.monotonic()
+        if self._phase.startswith("checkpoint save"):
+            self.time_limit.save_s = now - self._phase_start
         if phase.startswith("step"):
+            if self._iteration_start is not None:
+                self.time_limit.iterations.append(now - self._iteration_start)
             self._iteration_start = now
         self._phase, self._phase_start = phase, now
         if self.watchdog is not None:
-            self.watchdog.arm(phase)
+            self.watchdog.arm(phase, timeout_s)
         if self.stall and phase == f"step {self.stall[0]}":
             _stall(self.stall[1])
 
@@ -243,26 +265,29 @@ class RunGuard:
             self.watchdog.disarm()
 
     def check(self, ckpt) -> str | None:
-        """At a step boundary, on every rank: the reason to stop now (the same on every rank), or None.
+        """Before the first step, on every rank: the reason not to start (the same on every rank), or None."""
+        return self.decide(self.votes(ckpt).tolist(), ckpt)
 
-        One all-reduce of [stop signal, time limit, failed saves, saves still being written]; the last two
-        settle the checkpoint in flight (checkpoint.Checkpointer.settle)."""
-        now = time.monotonic()
-        if self._iteration_start is not None:
-            self.time_limit.iterations.append(now - self._iteration_start)
-            if self._phase.startswith("checkpoint save"):
-                self.time_limit.save_s = now - self._phase_start
-        failed, running = ckpt.outcome()
+    def votes(self, ckpt) -> torch.Tensor:
+        """This rank's [stop signal, time limit, failed saves, saves still being written], summed over all ranks
+        by one all-reduce, as a tensor on the device: the loop reads it with the step's loss and norm."""
+        self._voted_at = time.monotonic()
         signum = self.signals.received if self.signals else 0
-        signals, late, failed, running = self.agreement.sum(
-            [signum, int(self.time_limit.would_cross(now)), failed, running])
+        late = self.time_limit.would_cross(self._voted_at, self._iteration_start)
+        return self.agreement.start([signum, int(late), *ckpt.outcome()])
+
+    def decide(self, votes: list[int], ckpt) -> str | None:
+        """The reason to stop after this step (the same on every rank, from the summed `votes`), or None; the
+        last two votes settle the checkpoint in flight (checkpoint.Checkpointer.settle)."""
+        signals, late, failed, running = (int(v) for v in votes)
         ckpt.settle(failed, running)
         if signals:
+            signum = self.signals.received if self.signals else 0
             return f"{signal.Signals(signum).name} received" if signum else "a stop signal received by another rank"
         if late:
-            tl = self.time_limit
+            tl, now = self.time_limit, self._voted_at
             return (f"train.max_minutes={self.t.max_minutes:g}: {now - tl.start:.0f} s gone, and the next step and "
-                    f"save may take {max(tl.iterations) + tl.save_s:.1f} s")
+                    f"save may take {tl.remaining_s(now, self._iteration_start):.1f} s")
         return None
 
     def stopped(self, step: int, reason: str, newest) -> None:

@@ -28,7 +28,8 @@ from .hf import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
 from .model import GPT
 from .optim import build_optimizer, lr_at
-from .parallel import ParallelContext, init_parallel
+from .parallel import ParallelContext, init_parallel, set_matmul_precision
+from .readout import read_to_host, to_device
 from .resilience import RunGuard
 
 
@@ -58,16 +59,17 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     log = MetricsLogger(cfg, ctx)
     agreement = guard.start(ctx, log)
     log.info(f"layout: {ctx.describe()}")
+    set_matmul_precision(ctx.device, cfg.train.tf32)
     corpus = prepare_corpus(cfg.data, log=log.info)  # one process builds, the others poll: no collective
-    from_hf = cfg.checkpoint.load is not None and is_hf_model_dir(cfg.checkpoint.load)
-    model = GPT(gpt_config(cfg), ctx, init_weights=not from_hf)  # HF weights, or a resumed checkpoint's, replace them
+    ckpt = Checkpointer(cfg, ctx, corpus, wandb_id=log.wandb_id(), agree=agreement.sum, log=log.info)
+    state = TrainState()
+    source = ckpt.resume_source()
+    # weights drawn only for a fresh run: a checkpoint's or an HF model's replace them (no draw, no full tensors)
+    model = GPT(gpt_config(cfg), ctx, init_weights=source is None)
     opt = build_optimizer(model, cfg.optim, ctx, zero=cfg.parallel.zero)
     forward = opt.module  # DDP(model) under zero=0 with DP > 1, else the model
     if cfg.train.compile:
         forward = torch.compile(forward)
-    ckpt = Checkpointer(cfg, ctx, corpus, wandb_id=log.wandb_id(), agree=agreement.sum, log=log.info)
-    state = TrainState()
-    source = ckpt.resume_source()
     if source is not None:
         state = TrainState(**ckpt.load(source, model, opt))
         if is_hf_model_dir(source):
@@ -90,8 +92,11 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
 
     stop = guard.check(ckpt)  # a signal during setup stops before the first step
+    first_step = state.step + 1
     while state.step < cfg.train.steps and not stop:
-        guard.arm(f"step {state.step + 1}")
+        # the first step of a launch compiles (train.compile): it has its own hang allowance
+        compiling = cfg.train.compile and state.step + 1 == first_step
+        guard.arm(f"step {state.step + 1}", timeout_s=cfg.train.compile_timeout_s if compiling else None)
         t0 = time.perf_counter()
         lr = lr_at(state.step, cfg.optim, cfg.train.steps)
         for group in opt.param_groups:
@@ -102,16 +107,18 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
                                                       ctx.dp_rank, ctx.dp_size))
             sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
             with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
-                loss = forward(x.to(ctx.device), y.to(ctx.device))
+                loss = forward(to_device(x, ctx.device), to_device(y, ctx.device))
                 (loss / accum).backward()
             loss_sum += loss.detach()
         norm = opt.prepare_grads()  # finalize: DP reduction done, SP-replicated grads summed over TP; global norm
-        loss_avg, norm_value = _dp_mean(loss_sum / accum, ctx), norm.item()
+        # the step's one device-to-host transfer: loss, norm and the ranks' stop votes together
+        loss_avg, norm_value, *votes = read_to_host(_dp_mean(loss_sum / accum, ctx), norm, guard.votes(ckpt))
         if not (math.isfinite(loss_avg) and math.isfinite(norm_value)):  # before the update spoils the weights
             what = f"loss is {loss_avg}" if not math.isfinite(loss_avg) else f"grad norm is {norm_value}"
             log.info(f"error: {what} at step {state.step + 1}")
             raise DivergenceError(f"{what} at step {state.step + 1}: the run diverged; lower optim.lr (now "
                                   f"{cfg.optim.lr}) or raise optim.warmup_steps, and resume from the last checkpoint")
+        stop = guard.decide(votes, ckpt)  # stop after this step (signal, time limit); settles the save in flight
         opt.step()  # clip to optim.grad_clip, AdamW (zero=1: on this rank's shard, then all-gather the weights)
         opt.zero_grad()
         state.step += 1
@@ -127,7 +134,6 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
             guard.arm(f"checkpoint save of step {state.step}")
             ckpt.save(state.step, model, opt, asdict(state))
-        stop = guard.check(ckpt)
     guard.arm(f"checkpoint save of step {state.step}")
     if stop and state.step and not ckpt.covers(state.step):
         ckpt.save(state.step, model, opt, asdict(state))
@@ -154,9 +160,9 @@ def _evaluate(model: GPT, data: WindowSampler, cfg: Config, ctx: ParallelContext
             x, y = data.batch(dp_sample_indices(it * cfg.train.global_batch_size, micro,
                                                 cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size))
             with autocast:
-                total += model(x.to(ctx.device), y.to(ctx.device))
+                total += model(to_device(x, ctx.device), to_device(y, ctx.device))
     model.train()
-    return _dp_mean(total / (cfg.train.eval_iters * accum), ctx)
+    return read_to_host(_dp_mean(total / (cfg.train.eval_iters * accum), ctx))[0]
 
 
 def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger) -> None:
@@ -169,11 +175,12 @@ def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger
     log.info("sample:\n" + tok.decode(ids))
 
 
-def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
+def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The mean of `value` over the DP group, on the device (not read)."""
     value = value.detach().float().clone()
     if ctx.dp_size > 1:
         dist.all_reduce(value, group=ctx.dp_group)
-    return value.item() / ctx.dp_size
+    return value / ctx.dp_size
 
 
 def _autocast(cfg: Config, ctx: ParallelContext):

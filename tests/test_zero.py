@@ -6,7 +6,8 @@ One spawned world of 8 gloo ranks (the module fixture) builds every layout in tu
 - zero=1 and zero=0 train like one process (losses, grad norms, weights) at DP2 x TP2 with SP on and off (and a
   Llama with SwiGLU's 3-D weight, SP on) and at
   DP4 x TP1 with an odd-sized model, with gradient accumulation, clipping active and several buckets;
-- every element of every parameter is owned by exactly one DP rank, and the AdamW state per rank is 1/DP;
+- every element of every parameter is owned by exactly one DP rank, buckets are padded to lcm(DP, 128), and the
+  AdamW state per rank is 1/DP;
 - AdamW on the shard gives torch.optim.AdamW's numbers bitwise; a non-finite gradient anywhere reaches every rank;
 - the SP-replicated gradients are summed over TP in exactly one all-reduce per optimizer step;
 - save/load matrix: a zero=1 DP2 x TP2 checkpoint loads at DP {1, 2, 4} x TP {1, 2} with zero off and on, the
@@ -151,6 +152,7 @@ def _ownership(model, opt, ctx) -> dict:
     return dict(min_owners=min(int(o.min()) for o in owners.values()),
                 max_owners=max(int(o.max()) for o in owners.values()),
                 state_bytes=int(all_max(opt.state_bytes(), ctx)), local=local, padded=padded, dp=ctx.dp_size,
+                bucket_numels=[b.numel for b in opt.buckets],
                 buckets=len(opt.buckets), params=len(owners),
                 params_missing_on_some_rank=sum(int(c) < ctx.dp_size for c in present.values()))
 
@@ -362,7 +364,8 @@ def test_every_element_owned_by_exactly_one_dp_rank_and_state_is_1_over_dp(world
     o = world["equivalence"][layout]["ownership"]
     assert o["min_owners"] == o["max_owners"] == 1, o
     assert o["buckets"] > 1, o
-    assert o["padded"] % o["dp"] == 0 and 0 <= o["padded"] - o["local"] < o["dp"] * o["buckets"], o
+    pad = math.lcm(o["dp"], 128)  # Megatron-Core's bucket padding: DP equal shards, 128-element aligned buckets
+    assert all(n % pad == 0 for n in o["bucket_numels"]) and 0 <= o["padded"] - o["local"] < pad * o["buckets"], o
     assert o["state_bytes"] == 8 * o["padded"] // o["dp"], o  # exp_avg + exp_avg_sq, fp32, of 1/DP
     print(f"\n{layout}: {o['local']:,} local parameters in {o['buckets']} buckets, {o['padded'] - o['local']} padding; "
           f"AdamW state {o['state_bytes']:,} bytes per rank = 8 x {o['padded']:,} / {o['dp']}; "
