@@ -6,6 +6,7 @@ warm-up; A/B comparisons alternate the two contenders step by step inside the sa
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections import Counter
 
@@ -103,9 +104,19 @@ def _recording_allreduce_hook(state: _DPHookState, bucket):
     return fut
 
 
-def comm_worker(device, cfg_kw: dict, micro_batch: int, layouts: list[tuple[int, bool]]):
+def autocast(device, dtype: str):
+    """bf16 autocast on `device` for dtype "bfloat16" (as the trainer runs train.dtype=bfloat16), else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def comm_worker(device, cfg_kw: dict, micro_batch: int, layouts: list[tuple[int, bool]], dtype: str = "float32"):
     """For each (T, sp): count every collective of one train step (fwd + bwd; DDP over the DP group when
-    world/T > 1) and compare with theory(). With DDP the first step is a warm-up and the second counts."""
+    world/T > 1), with its dtype, and compare with theory(). With DDP the first step is a warm-up and the second
+    counts. `dtype` "bfloat16": under bf16 autocast."""
     results = []
     for T, sp in layouts:
         ctx = build_parallel_context(T, device)
@@ -121,7 +132,9 @@ def comm_worker(device, cfg_kw: dict, micro_batch: int, layouts: list[tuple[int,
             with CollectiveCounter() as log:
                 if state is not None:
                     state.counter = log if step == 1 else None  # count the second step
-                net(tokens, targets).backward()
+                with autocast(device, dtype):
+                    loss = net(tokens, targets)
+                loss.backward()
                 finalize_model_grads(model)
             model.zero_grad(set_to_none=True)
         measured, dp_bytes = Counter(), 0
@@ -130,14 +143,15 @@ def comm_worker(device, cfg_kw: dict, micro_batch: int, layouts: list[tuple[int,
             if i in dp_calls:
                 dp_bytes += c.bytes
             else:
-                measured[(c.op, c.group_size, c.bytes)] += 1
+                measured[(c.op, c.group_size, c.bytes, dtype_name(c.dtype))] += 1
         if dp_calls:
-            measured[(DP_GRADS, ctx.dp_size, dp_bytes)] += 1
-        expected = theory(cfg, T, sp, micro_batch, ctx.dp_size)
+            measured[(DP_GRADS, ctx.dp_size, dp_bytes, "float32")] += 1
+        expected = theory(cfg, T, sp, micro_batch, ctx.dp_size, dtype=dtype)
         agree = torch.tensor([int(measured == expected)], device=device)
         dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # every rank's count must match, not only rank 0's
-        results.append(dict(T=T, sp=sp, dp=ctx.dp_size, micro_batch=micro_batch,
-                            items=[it.__dict__ for it in comm_items(cfg, T, sp, micro_batch, ctx.dp_size)],
+        results.append(dict(T=T, sp=sp, dp=ctx.dp_size, micro_batch=micro_batch, dtype=dtype,
+                            items=[it.__dict__ for it in comm_items(cfg, T, sp, micro_batch, ctx.dp_size,
+                                                                    dtype=dtype)],
                             measured=_rows(measured), expected=_rows(expected), equal=bool(agree.item()),
                             dp_buckets=list(state.buckets) if state else [],
                             local_params=model.num_parameters()[1]))
@@ -145,37 +159,50 @@ def comm_worker(device, cfg_kw: dict, micro_batch: int, layouts: list[tuple[int,
 
 
 def _rows(c: Counter) -> list[dict]:
-    return [dict(op=op, group_size=g, bytes=b, count=n) for (op, g, b), n in sorted(c.items())]
+    return [dict(op=op, group_size=g, bytes=b, dtype=dt, count=n) for (op, g, b, dt), n in sorted(c.items())]
 
 
 # ---- section 3: activation memory per layer ---------------------------------------------------------
 
-def saved_bytes_per_layer(model: GPT, micro_batch: int) -> tuple[int, list]:
+def saved_bytes_per_layer(model: GPT, micro_batch: int, dtype: str = "float32") -> tuple[int, list]:
     """Bytes saved for backward by one block's forward (this rank), measured with saved_tensors_hooks.
 
     Tensors are deduplicated by storage (a storage saved twice, or through several views such as q, k, v
     of the fused QKV output, counts once, at its full size) and parameters are left out. Under full
     recompute the block runs under megatron-lite's checkpoint, as GPT.forward does: what is left is what the
-    checkpoint keeps (its inputs)."""
+    checkpoint keeps (its inputs). `dtype` "bfloat16": under bf16 autocast, the block's input (the residual
+    stream) float32 as the embedding gives it."""
     c, ctx = model.config, model.ctx
     S = c.seq_len // ctx.tp_size if c.sequence_parallel else c.seq_len
     x = torch.randn(S, micro_batch, c.hidden_size, device=ctx.device, requires_grad=True)
     block = model.blocks[0]
-    if c.recompute == "full":
-        return saved_bytes(model, lambda: checkpoint(block, model.rng, x, model.rng))
-    return saved_bytes(model, lambda: block(x, model.rng))
+    with autocast(ctx.device, dtype):
+        if c.recompute == "full":
+            return saved_bytes(model, lambda: checkpoint(block, model.rng, x, model.rng))
+        return saved_bytes(model, lambda: block(x, model.rng))
 
 
-def saved_bytes(model, fn) -> tuple[int, list]:
+def saved_bytes(model, fn, weight_copies: list | None = None) -> tuple[int, list]:
     """Bytes of the tensors that fn() saves for backward (this rank), deduplicated by storage, parameters of
-    `model` left out; and the list of (shape, dtype, bytes), largest first."""
+    `model` left out; and the list of (shape, dtype, bytes), largest first. Under autocast, the bf16 copies of
+    parameters it saves (autocast's cast cache) are weights, not activations: left out too, and listed in
+    `weight_copies` when given."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    by_shape = {}
+    for p in model.parameters():
+        by_shape.setdefault(tuple(p.shape), []).append(p)
     seen: dict[int, tuple] = {}
+    copies = weight_copies if weight_copies is not None else []
 
     def pack(t):
         st = t.untyped_storage()
-        if st.data_ptr() not in params and st.nbytes():
-            seen.setdefault(st.data_ptr(), (tuple(t.shape), str(t.dtype), st.nbytes()))
+        if st.data_ptr() in params or not st.nbytes() or st.data_ptr() in seen:
+            return t
+        if t.dtype != torch.float32 and _is_param_copy(t, by_shape):
+            copies.append((tuple(t.shape), str(t.dtype), st.nbytes()))
+            params.add(st.data_ptr())
+        else:
+            seen[st.data_ptr()] = (tuple(t.shape), str(t.dtype), st.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -184,7 +211,16 @@ def saved_bytes(model, fn) -> tuple[int, list]:
     return sum(v[2] for v in seen.values()), sorted(seen.values(), key=lambda v: -v[2])
 
 
-def memory_worker(device, cfg_kw: dict, micro_batch: int, tps: list[int], recomputes: list[str]):
+def _is_param_copy(t: torch.Tensor, by_shape: dict) -> bool:
+    """Whether `t` is a parameter cast to t's dtype, or its transpose (what a matmul saves of its weight)."""
+    for p in by_shape.get(tuple(t.shape), []):
+        if torch.equal(t, p.detach().to(t.dtype)):
+            return True
+    return t.dim() == 2 and any(torch.equal(t.t(), p.detach().to(t.dtype)) for p in by_shape.get(tuple(t.shape)[::-1], []))
+
+
+def memory_worker(device, cfg_kw: dict, micro_batch: int, tps: list[int], recomputes: list[str],
+                  dtype: str = "float32"):
     out = []
     for T in tps:
         ctx = build_parallel_context(T, device)
@@ -192,8 +228,8 @@ def memory_worker(device, cfg_kw: dict, micro_batch: int, tps: list[int], recomp
             for rc in recomputes:
                 cfg = GPTConfig(**{**cfg_kw, "num_layers": 1}, sequence_parallel=sp, recompute=rc)
                 model = GPT(cfg, ctx).train()
-                total, tensors = saved_bytes_per_layer(model, micro_batch)
-                out.append(dict(T=T, sp=sp, recompute=rc, bytes=total, tensors=tensors))
+                total, tensors = saved_bytes_per_layer(model, micro_batch, dtype)
+                out.append(dict(T=T, sp=sp, recompute=rc, dtype=dtype, bytes=total, tensors=tensors))
     return out
 
 

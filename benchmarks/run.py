@@ -124,27 +124,29 @@ def section_comm(rep: Report, args, kw) -> list:
     b = args.micro_batch
     layouts = [(1, False), (2, False), (2, True), (4, False), (4, True)]
     rep(f"== 2. collectives per train step (fwd+bwd of one micro-batch, DDP over DP), 4 processes, {shape_str(kw, b)}")
-    rep("   logical bytes, float32; counted with megatron_lite.comm_count.CollectiveCounter (DP: a DDP comm hook "
-        "calling the default allreduce_hook); theory: benchmarks/theory.py")
-    res = launch(measure.comm_worker, 4, kw, b, layouts)
+    rep("   logical bytes, float32 and under bf16 autocast; counted with megatron_lite.comm_count.CollectiveCounter "
+        "(DP: a DDP comm hook calling the default allreduce_hook); theory: benchmarks/theory.py")
+    res = launch(measure.comm_worker, 4, kw, b, layouts) + \
+        launch(measure.comm_worker, 4, kw, b, [lay for lay in layouts if lay[0] > 1], "bfloat16")
     for r in res:
-        rep(f"-- DP={r['dp']} x TP={r['T']}, SP {'on' if r['sp'] else 'off'}: measured == theory on every rank: "
-            f"{'YES' if r['equal'] else 'NO'}" + (f"; DDP buckets (elements): {r['dp_buckets']}, local params "
-                                                  f"{r['local_params']}" if r["dp_buckets"] else ""))
+        rep(f"-- DP={r['dp']} x TP={r['T']}, SP {'on' if r['sp'] else 'off'}, {r['dtype']}: measured == theory on every "
+            f"rank: {'YES' if r['equal'] else 'NO'}" + (f"; DDP buckets (elements): {r['dp_buckets']}, local params "
+                                                       f"{r['local_params']}" if r["dp_buckets"] else ""))
         labels: dict[tuple, list[str]] = {}
         for it in r["items"]:
-            labels.setdefault((it["op"], it["group_size"], it["bytes"]), []).append(f"{it['count']:>3} {it['label']}")
-        exp = {(e["op"], e["group_size"], e["bytes"]): e["count"] for e in r["expected"]}
-        got = {(e["op"], e["group_size"], e["bytes"]): e["count"] for e in r["measured"]}
+            key = (it["op"], it["group_size"], it["bytes"], it["dtype"])
+            labels.setdefault(key, []).append(f"{it['count']:>3} {it['label']}")
+        exp = {(e["op"], e["group_size"], e["bytes"], e["dtype"]): e["count"] for e in r["expected"]}
+        got = {(e["op"], e["group_size"], e["bytes"], e["dtype"]): e["count"] for e in r["measured"]}
         rows = []
         for key in sorted(set(exp) | set(got)):
             for k, label in enumerate(labels.get(key, ["  - (not in theory)"])):
-                rows.append([key[0], key[1], human_bytes(key[2]), exp.get(key, 0), got.get(key, 0)] if k == 0
-                            else ["", "", "", "", ""])
+                rows.append([key[0], key[1], key[3], human_bytes(key[2]), exp.get(key, 0), got.get(key, 0)] if k == 0
+                            else ["", "", "", "", "", ""])
                 rows[-1].append(label)
-        rep.table(["op", "group", "bytes each", "theory", "measured", "where (theory count per step)"], rows)
+        rep.table(["op", "group", "dtype", "bytes each", "theory", "measured", "where (theory count per step)"], rows)
         total = lambda d: sum(k[2] * n for k, n in d.items())  # noqa: E731
-        ring = lambda d: sum(theory.ring_bytes(*k) * n for k, n in d.items())  # noqa: E731
+        ring = lambda d: sum(theory.ring_bytes(*k[:3]) * n for k, n in d.items())  # noqa: E731
         rep(f"   total per step, logical: theory {human_bytes(total(exp))}, measured {human_bytes(total(got))}; "
             f"sent per rank by ring algorithms: theory {human_bytes(int(ring(exp)))}, "
             f"measured {human_bytes(int(ring(got)))}")
@@ -156,23 +158,27 @@ def section_memory(rep: Report, args, kw) -> list:
     b = args.micro_batch
     s, h, a, F = kw["seq_len"], kw["hidden_size"], kw["num_heads"], 4 * kw["hidden_size"]
     rep(f"== 3. activation memory saved for backward, per transformer layer, per rank, {shape_str(kw, b)}, dropout 0")
-    rep("   measured: saved_tensors_hooks around one block's forward, deduplicated by storage, parameters left out")
+    rep("   measured: saved_tensors_hooks around one block's forward, deduplicated by storage, parameters (and under "
+        "autocast their bf16 copies) left out")
     rep("   Table 2: Korthikanti et al. 2022 (16-bit): sbh(34 + 5as/h); TP sbh(10 + 24/t + 5as/(ht)); "
         "TP+SP sbh/t(34 + 5as/h)")
     rep("   adapted (float32, no dropout, SDPA flash): sbh(64 + 4a/h) + 16sb; TP sbh(16 + 48/t + 4a/(ht)) + 16sb; "
         "TP+SP [sbh(64 + 4a/h) + 16sb]/t;")
+    rep("   bf16 autocast: the matmuls' inputs and outputs in 2 bytes, the residual stream (LayerNorm inputs), norm "
+        "statistics and log-sum-exp in 4 (benchmarks/theory.adapted_terms)")
     rep("   selective drops 4a/h (the log-sum-exp), full keeps 4sbh (/t with SP)")
-    res = launch(measure.memory_worker, 4, kw, b, [1, 2, 4], ["none", "selective", "full"])
-    base = {r["recompute"]: r["bytes"] for r in res if r["T"] == 1}
+    res = [r for dtype in ("float32", "bfloat16")
+           for r in launch(measure.memory_worker, 4, kw, b, [1, 2, 4], ["none", "selective", "full"], dtype)]
+    base = {(r["recompute"], r["dtype"]): r["bytes"] for r in res if r["T"] == 1}
     rows = []
     for r in res:
-        T, sp, rc = r["T"], r["sp"], r["recompute"]
+        T, sp, rc, dtype = r["T"], r["sp"], r["recompute"], r["dtype"]
         paper = theory.korthikanti_table2(s, b, h, a, T, sp, rc)
-        adapted = theory.adapted_activation_bytes(s, b, h, a, F, T, sp, rc)
-        r.update(table2_16bit=paper, adapted_fp32=adapted, vs_T1=r["bytes"] / base[rc])
-        rows.append([T, "on" if sp else "off", rc, mib(paper), mib(adapted), mib(r["bytes"]),
+        adapted = theory.adapted_activation_bytes(s, b, h, a, F, T, sp, rc, dtype=None if dtype == "float32" else dtype)
+        r.update(table2_16bit=paper, adapted=adapted, vs_T1=r["bytes"] / base[(rc, dtype)])
+        rows.append([dtype, T, "on" if sp else "off", rc, mib(paper), mib(adapted), mib(r["bytes"]),
                      f"{r['bytes'] / adapted:.4f}", f"{r['vs_T1']:.4f}" + (f" (1/T = {1 / T:.4f})" if sp else "")])
-    rep.table(["T", "SP", "recompute", "Table2 16-bit MiB", "adapted fp32 MiB", "measured MiB", "measured/adapted",
+    rep.table(["dtype", "T", "SP", "recompute", "Table2 16-bit MiB", "adapted MiB", "measured MiB", "measured/adapted",
                "measured / T=1"], rows)
     rep()
     return [{k: v for k, v in r.items() if k != "tensors"} | {"tensors": [list(t) for t in r["tensors"]]} for r in res]
@@ -279,7 +285,8 @@ def section_opt(rep: Report, args, kw, memory: list | None) -> dict:
         + f"; local params {r['local_params']}")
 
     r = res["recompute"]
-    sec3 = {m["recompute"]: m["bytes"] for m in memory or [] if m["T"] == r["T"] and m["sp"] == r["sp"]}
+    sec3 = {m["recompute"]: m["bytes"] for m in memory or [] if m["T"] == r["T"] and m["sp"] == r["sp"]
+            and m.get("dtype", "float32") == "float32"}
     rep(f"-- c. activation recomputation (model.recompute), DP1 x TP{r['T']}, SP on: time and what it saves; "
         f"memory = bytes saved for backward on one rank")
     rows = []

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 DP_GRADS = "all_reduce (DP grads)"  # the data-parallel gradient reduction, summed over DDP's buckets
 
 
+ELEM = {"float32": 4, "bfloat16": 2}
+
+
 @dataclass(frozen=True)
 class Item:
     label: str
@@ -24,6 +27,7 @@ class Item:
     group_size: int
     bytes: int
     count: int
+    dtype: str = "float32"
 
 
 def param_counts(cfg) -> tuple[int, int]:
@@ -43,7 +47,7 @@ def local_params(cfg, T: int) -> int:
 
 
 def comm_items(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | None = None,
-               elem: int = 4) -> list[Item]:
+               dtype: str = "float32") -> list[Item]:
     """The collectives of one train step (forward + backward of one micro-batch, plus the DP gradient
     reduction), labelled by where they come from.
 
@@ -68,42 +72,46 @@ def comm_items(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | 
     has none.
 
     DP: one all-reduce of this rank's P/t local gradients, in DDP buckets (summed here into one item).
+
+    `dtype`: the activations' (bfloat16 under bf16 autocast, where every activation collective moves bf16:
+    megatron-lite casts a column-parallel layer's input and the embedding's partial sums before they travel);
+    the cross-entropy's per-token statistics and the gradients stay float32, as in Megatron.
     """
     s, b, h, L = seq or cfg.seq_len, micro_batch, cfg.hidden_size, cfg.num_layers
-    act = s * b * h * elem
+    act, f32 = s * b * h * ELEM[dtype], 4
+
+    def A(label, op, count):  # an activation collective
+        return Item(label, op, T, act, count, dtype)
     items: list[Item] = []
     if T > 1:
         if not sp:
-            items += [Item("embedding: all-reduce output (fwd)", "all_reduce", T, act, 1),
-                      Item("layers: g after row-parallel (fwd, 2/layer)", "all_reduce", T, act, 2 * L),
-                      Item("layers: f before column-parallel (bwd, 2/layer)", "all_reduce", T, act, 2 * L),
-                      Item("output layer: f, input grad (bwd)", "all_reduce", T, act, 1)]
+            items += [A("embedding: all-reduce output (fwd)", "all_reduce", 1),
+                      A("layers: g after row-parallel (fwd, 2/layer)", "all_reduce", 2 * L),
+                      A("layers: f before column-parallel (bwd, 2/layer)", "all_reduce", 2 * L),
+                      A("output layer: f, input grad (bwd)", "all_reduce", 1)]
         else:
-            items += [Item("embedding: reduce-scatter (fwd)", "reduce_scatter", T, act, 1),
-                      Item("embedding: all-gather grad (bwd)", "all_gather", T, act, 1),
-                      Item("layers: all-gather before column (fwd, 2/layer)", "all_gather", T, act, 2 * L),
-                      Item("layers: reduce-scatter after row (fwd, 2/layer)", "reduce_scatter", T, act, 2 * L),
-                      Item("layers: row grad all-gather + column input re-gather (bwd, 4/layer)",
-                           "all_gather", T, act, 4 * L),
-                      Item("layers: column input-grad reduce-scatter (bwd, 2/layer)", "reduce_scatter", T, act,
-                           2 * L),
-                      Item("output layer: all-gather input (fwd)", "all_gather", T, act, 1),
-                      Item("output layer: re-gather input (bwd)", "all_gather", T, act, 1),
-                      Item("output layer: reduce-scatter input grad (bwd)", "reduce_scatter", T, act, 1),
+            items += [A("embedding: reduce-scatter (fwd)", "reduce_scatter", 1),
+                      A("embedding: all-gather grad (bwd)", "all_gather", 1),
+                      A("layers: all-gather before column (fwd, 2/layer)", "all_gather", 2 * L),
+                      A("layers: reduce-scatter after row (fwd, 2/layer)", "reduce_scatter", 2 * L),
+                      A("layers: row grad all-gather + column input re-gather (bwd, 4/layer)", "all_gather", 4 * L),
+                      A("layers: column input-grad reduce-scatter (bwd, 2/layer)", "reduce_scatter", 2 * L),
+                      A("output layer: all-gather input (fwd)", "all_gather", 1),
+                      A("output layer: re-gather input (bwd)", "all_gather", 1),
+                      A("output layer: reduce-scatter input grad (bwd)", "reduce_scatter", 1),
                       Item("finalize: replicated grads (LayerNorms, row biases, wpe), one coalesced all-reduce",
-                           "all_reduce", T, param_counts(cfg)[1] * elem, 1)]
+                           "all_reduce", T, param_counts(cfg)[1] * f32, 1)]
         if getattr(cfg, "recompute", "none") == "full":
             # backward re-runs each layer's forward under torch.utils.checkpoint, which stops as soon as every
             # saved tensor is rebuilt (early stop): the MLP's last linear saves its input, so the final `g`
             # (all-reduce / reduce-scatter) of the layer is not re-issued
-            items += ([Item("full recompute: attention g re-run (bwd, 1/layer)", "all_reduce", T, act, L)] if not sp
-                      else [Item("full recompute: all-gathers re-run (bwd, 2/layer)", "all_gather", T, act, 2 * L),
-                            Item("full recompute: attention reduce-scatter re-run (bwd, 1/layer)",
-                                 "reduce_scatter", T, act, L)])
-        items += [Item("cross-entropy: MAX of logits (fwd)", "all_reduce", T, s * b * elem, 1),
-                  Item("cross-entropy: sum exp + target logit (fwd)", "all_reduce", T, 2 * s * b * elem, 1)]
+            items += ([A("full recompute: attention g re-run (bwd, 1/layer)", "all_reduce", L)] if not sp
+                      else [A("full recompute: all-gathers re-run (bwd, 2/layer)", "all_gather", 2 * L),
+                            A("full recompute: attention reduce-scatter re-run (bwd, 1/layer)", "reduce_scatter", L)])
+        items += [Item("cross-entropy: MAX of logits (fwd)", "all_reduce", T, s * b * f32, 1),
+                  Item("cross-entropy: sum exp + target logit (fwd)", "all_reduce", T, 2 * s * b * f32, 1)]
     if dp > 1:
-        items.append(Item("DP: gradient all-reduce of P/t local params", DP_GRADS, dp, local_params(cfg, T) * elem, 1))
+        items.append(Item("DP: gradient all-reduce of P/t local params", DP_GRADS, dp, local_params(cfg, T) * f32, 1))
     return items
 
 
@@ -137,11 +145,12 @@ def ring_bytes(op: str, group_size: int, nbytes: int) -> float:
     return nbytes * frac * (2 if op.startswith("all_reduce") else 1)
 
 
-def theory(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | None = None) -> Counter:
-    """Expected collectives of one train step: Counter {(op, group_size, bytes): count}."""
+def theory(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | None = None,
+           dtype: str = "float32") -> Counter:
+    """Expected collectives of one train step: Counter {(op, group_size, bytes, dtype): count}."""
     out = Counter()
-    for it in comm_items(cfg, T, sp, micro_batch, dp, seq):
-        out[(it.op, it.group_size, it.bytes)] += it.count
+    for it in comm_items(cfg, T, sp, micro_batch, dp, seq, dtype):
+        out[(it.op, it.group_size, it.bytes, it.dtype)] += it.count
     return out
 
 
@@ -161,7 +170,7 @@ def korthikanti_table2(s, b, h, a, t=1, sp=False, recompute="none") -> float:
     return sbh * (10 + 24 / t + attn / t)
 
 
-def adapted_terms(s, b, h, a, ffn, t=1, sp=False, recompute="none", elem=4) -> dict[str, float]:
+def adapted_terms(s, b, h, a, ffn, t=1, sp=False, recompute="none", elem=4, dtype=None) -> dict[str, float]:
     """Table 2 adapted to megatron-lite as run here, term by term (bytes saved for backward, one layer).
 
     Table 2's 34 sbh (16-bit) are 16 sbh-sized activations of 2 bytes (LayerNorm inputs 2x, QKV input,
@@ -177,28 +186,35 @@ def adapted_terms(s, b, h, a, ffn, t=1, sp=False, recompute="none", elem=4) -> d
     - the MLP width is `ffn` (Table 2 assumes 4h).
     Replicated terms (TP without SP) keep their full size; sequence- or TP-sharded ones are divided by t.
     Selective recompute (attention core checkpointed) drops the log-sum-exp only: the core's inputs (the
-    QKV storage) and its output (the projection's input) stay saved outside the checkpoint."""
+    QKV storage) and its output (the projection's input) stay saved outside the checkpoint.
+
+    `dtype="bfloat16"`: bf16 autocast with float32 weights, as megatron-lite runs it. The matmuls' inputs and
+    outputs are bf16 (2 bytes; a column-parallel layer casts its input before saving it), while the residual
+    stream (the LayerNorm inputs), the LayerNorm statistics and the log-sum-exp stay float32, and autocast's
+    bf16 weight copies count as weights, not activations."""
+    low = elem if dtype is None else ELEM[dtype]  # the matmul activations
+    f32 = elem if dtype is None else 4  # residual stream, norm statistics, log-sum-exp
     rep = t if sp else 1  # sequence-sharded under SP, replicated over TP otherwise
     sbh, sb = s * b * h, s * b
     if recompute == "full":  # torch.utils.checkpoint keeps the block input only
-        return {"block input (kept by checkpoint)": elem * sbh / rep}
+        return {"block input (kept by checkpoint)": f32 * sbh / rep}
     terms = {
-        "LayerNorm inputs (2 sbh)": elem * 2 * sbh / rep,
-        "QKV linear input (sbh)": elem * sbh / rep,
-        "MLP fc input (sbh)": elem * sbh / rep,
-        "Q, K, V (3 sbh, fused storage)": elem * 3 * sbh / t,
-        "attention output = proj input (sbh)": elem * sbh / t,
-        "GELU input (sbF)": elem * s * b * ffn / t,
-        "GELU output = MLP proj input (sbF)": elem * s * b * ffn / t,
-        "LayerNorm mean+rstd (4 sb)": elem * 4 * sb / rep,
+        "LayerNorm inputs (2 sbh)": f32 * 2 * sbh / rep,
+        "QKV linear input (sbh)": low * sbh / rep,
+        "MLP fc input (sbh)": low * sbh / rep,
+        "Q, K, V (3 sbh, fused storage)": low * 3 * sbh / t,
+        "attention output = proj input (sbh)": low * sbh / t,
+        "GELU input (sbF)": low * s * b * ffn / t,
+        "GELU output = MLP proj input (sbF)": low * s * b * ffn / t,
+        "LayerNorm mean+rstd (4 sb)": f32 * 4 * sb / rep,
     }
     if recompute != "selective":
-        terms["SDPA log-sum-exp (asb)"] = elem * a * sb / t
+        terms["SDPA log-sum-exp (asb)"] = f32 * a * sb / t
     return terms
 
 
-def adapted_activation_bytes(s, b, h, a, ffn, t=1, sp=False, recompute="none", elem=4) -> float:
-    return sum(adapted_terms(s, b, h, a, ffn, t, sp, recompute, elem).values())
+def adapted_activation_bytes(s, b, h, a, ffn, t=1, sp=False, recompute="none", elem=4, dtype=None) -> float:
+    return sum(adapted_terms(s, b, h, a, ffn, t, sp, recompute, elem, dtype).values())
 
 
 # ---- FLOPs and MFU (PaLM appendix B) -------------------------------------------------------------------

@@ -58,19 +58,28 @@ def _comm_and_memory_worker():
             assert r["local_params"] == theory.local_params(GPTConfig(**kw), r["T"]), tag
             if r["dp"] > 1:
                 assert sum(r["dp_buckets"]) == r["local_params"], tag
+    # bf16 autocast: every activation collective moves bf16 (the cross-entropy's statistics and the gradients
+    # stay float32), and its bytes equal theory's in bf16
+    for r in comm_worker(torch.device("cpu"), CFG, B, [(2, False), (2, True), (4, True)], dtype="bfloat16"):
+        assert r["equal"], f"bf16 T={r['T']} sp={r['sp']}: measured {r['measured']} != theory {r['expected']}"
+        act = CFG["seq_len"] * B * CFG["hidden_size"] * 2
+        assert all(m["dtype"] == "bfloat16" for m in r["measured"] if m["bytes"] == act), r["measured"]
     s, h, a = CFG["seq_len"], CFG["hidden_size"], CFG["num_heads"]
-    mem = memory_worker(torch.device("cpu"), CFG, B, [1, 2, 4], ["none", "selective", "full"])
-    assert len(mem) == 15
-    per_T1 = {r["recompute"]: r["bytes"] for r in mem if r["T"] == 1}
-    for r in mem:
-        adapted = theory.adapted_activation_bytes(s, B, h, a, 4 * h, r["T"], r["sp"], r["recompute"])
-        assert r["bytes"] == adapted, (r, adapted)
-        if r["sp"]:  # sequence parallelism: every saved activation is split, so memory falls as 1/T exactly
-            assert r["bytes"] * r["T"] == per_T1[r["recompute"]], r
+    for dtype in ("float32", "bfloat16"):
+        mem = memory_worker(torch.device("cpu"), CFG, B, [1, 2, 4], ["none", "selective", "full"], dtype=dtype)
+        assert len(mem) == 15
+        per_T1 = {r["recompute"]: r["bytes"] for r in mem if r["T"] == 1}
+        for r in mem:
+            adapted = theory.adapted_activation_bytes(s, B, h, a, 4 * h, r["T"], r["sp"], r["recompute"],
+                                                      dtype=None if dtype == "float32" else dtype)
+            assert r["bytes"] == adapted, (r, adapted)
+            if r["sp"]:  # sequence parallelism: every saved activation is split, so memory falls as 1/T exactly
+                assert r["bytes"] * r["T"] == per_T1[r["recompute"]], r
 
 
 def test_collectives_equal_theory_and_activation_memory_equals_adapted_table2():
-    """Communication for T=2 and 4, SP on and off (and DP by DDP, and full recompute); memory at T=1, 2, 4."""
+    """Communication for T=2 and 4, SP on and off (and DP by DDP, and full recompute), float32 and bf16 autocast;
+    memory at T=1, 2, 4, float32 and bf16 autocast."""
     run_distributed(_comm_and_memory_worker, 4)
 
 
