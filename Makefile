@@ -18,7 +18,7 @@ endif
 ARGS ?=
 SAMPLE ?= --max-new-tokens 200
 
-.PHONY: install train test bench sample clean
+.PHONY: install train test bench gpu-check sample clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.run $(ARGS)
+
+# one GPU, unattended, < 8 minutes: MFU, SDPA backend, memory, kernels, syncs, bf16 vs CPU float32, checkpoints
+# across devices -> bench_results/gpu_check.json (ARGS="--device cpu": the same with small shapes, seconds)
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 sample: install
 	$(PY) -m megatron_lite.generate $(ARGS)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from megatron_lite import metrics
+
 DP_GRADS = "all_reduce (DP grads)"  # the data-parallel gradient reduction, summed over DDP's buckets
 
 
@@ -219,16 +221,9 @@ def adapted_activation_bytes(s, b, h, a, ffn, t=1, sp=False, recompute="none", e
 
 # ---- FLOPs and MFU (PaLM appendix B) -------------------------------------------------------------------
 
-# dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched in order
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0)]
-
-
 def peak_tflops(gpu_name: str) -> float | None:
-    for key, peak in PEAK_BF16_TFLOPS:
-        if key.lower() in gpu_name.lower():
-            return peak
-    return None
+    """Dense bf16 peak in TFLOP/s (megatron_lite.metrics' device table, which the training log's MFU uses)."""
+    return metrics.peak_tflops(gpu_name)
 
 
 def non_embedding_params(cfg) -> int:

@@ -13,24 +13,43 @@ from dataclasses import asdict
 
 import torch
 
-# Dense bf16 peak FLOP/s per device, for MFU (vendor datasheets, without sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets, matched against
+# torch.cuda.get_device_name() in this order (the first substring found wins): the PCIe and NVL variants of a
+# GPU have lower clocks and power than its SXM form, whose name carries neither (e.g. "NVIDIA H100 80GB HBM3").
+PEAK_BF16_TFLOPS = [
+    ("GB200", 2500.0), ("B200", 2250.0), ("B100", 1750.0),
+    ("H200 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0),
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H800", 989.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
+    ("A10", 125.0),
+    ("4090", 165.0),
+]
+
+
+def peak_tflops(gpu_name: str) -> float | None:
+    """The dense bf16 peak of the GPU called `gpu_name`, in TFLOP/s; None for one not in the table."""
+    name = gpu_name.lower()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key.lower() in name), None)
 
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = peak_tflops(torch.cuda.get_device_name(device))
+    return None if peak is None else peak * 1e12
 
 
 def flops_per_token(c, n_params: int, seq_len: int) -> float:
     """PaLM (Chowdhery et al. 2022, appendix B): 6N + 12 L H Q T for training, attention included, with
     H Q = num_heads * head_dim (the query width) and T the training sequence length.
 
-    N counts the parameters that do matmul work per token, as nanoGPT does: all but the learned position
-    embeddings (a tied token embedding is also the output layer, the largest matmul of a small GPT)."""
-    n = n_params - (c.seq_len * c.hidden_size if c.position_embedding == "learned" else 0)
+    N counts the parameters that do matmul work per token, as nanoGPT does: every parameter but the learned
+    position embeddings, an untied input embedding (a lookup, not a matmul) and the output layer's padded
+    rows (the vocabulary is padded to model.vocab_pad_multiple; those logits are not model work). A tied
+    embedding is the output layer, the largest matmul of a small GPT: its real rows count."""
+    h, padding = c.hidden_size, c.padded_vocab_size - c.vocab_size
+    n = n_params - padding * h - (0 if c.tie_embeddings else c.padded_vocab_size * h)
+    n -= c.seq_len * h if c.position_embedding == "learned" else 0
     return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
