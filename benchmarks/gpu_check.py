@@ -232,9 +232,10 @@ def checkpoint_round_trip(device: torch.device, root: Path) -> dict:
     want, got = opt.full_state(), loaded_opt.full_state()
     same = all(torch.equal(p.detach().cpu(), q.detach()) for p, q in zip(model.parameters(), loaded.parameters()))
     same_moments = all(torch.equal(want[n][k].cpu(), got[n][k]) for n in want for k in ("exp_avg", "exp_avg_sq"))
+    steps = loaded_opt.num_steps
     loss, _ = train_step(loaded, loaded_opt, *batch(cfg, 2, 2, torch.device("cpu")), bf16=False)
-    return dict(saved_on=device.type, weights_equal=same, moments_equal=same_moments, steps=loaded_opt.num_steps,
-                rng_note=notes, trains_on=math.isfinite(loss))
+    return dict(saved_on=device.type, weights_equal=same, moments_equal=same_moments, steps=steps, rng_note=notes,
+                trains_on=math.isfinite(loss))
 
 
 # ---- the report ------------------------------------------------------------------------------------------

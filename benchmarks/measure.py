@@ -274,27 +274,8 @@ def scaling_worker(device, cfg_kw: dict, global_batch: int, layouts: list[tuple[
 # ---- section 5: MFU on one GPU ------------------------------------------------------------------------
 
 def mfu_worker(device, cfg_kw: dict, micro_batch: int, warmup: int, steps: int):
-    ctx = build_parallel_context(1, device)
-    cfg = GPTConfig(**cfg_kw)
-    model = GPT(cfg, ctx)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-
-    def step(tokens, targets):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(tokens, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    times = []
-    for i in range(warmup + steps):
-        tokens, targets = batch(cfg, micro_batch, i, device)
-        t = timed(lambda: step(tokens, targets), device)
-        if i >= warmup:
-            times.append(t)
-    med = statistics.median(times)
-    return dict(median_s=med, tokens_per_s=micro_batch * cfg.seq_len / med, micro_batch=micro_batch,
-                gpu=torch.cuda.get_device_name(device), max_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+    from .gpu_check import measure_model
+    return measure_model("gpt2-small", cfg_kw, micro_batch, False, device, warmup, steps)
 
 
 # ---- section 6: optimizations, before and after, interleaved ------------------------------------------

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.model import GPTConfig
 from megatron_lite.resilience import FLIGHT_RECORDER_ENTRIES
 
 from . import data_prep, guards, measure, theory, zero
@@ -40,7 +39,7 @@ from .launch import launch
 BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_heads=8, dropout=0.0, seed=0)
 SMALL = dict(BENCH, hidden_size=256, num_heads=4)  # section 1 context: less compute per collective and per op
 QUICK = dict(vocab_size=256, seq_len=32, num_layers=2, hidden_size=64, num_heads=4, dropout=0.0, seed=0)
-GPT2_SMALL = dict(vocab_size=50304, seq_len=1024, num_layers=12, hidden_size=768, num_heads=12, dropout=0.0)
+GPT2_SMALL = dict(vocab_size=50257, seq_len=1024, num_layers=12, hidden_size=768, num_heads=12, dropout=0.0)
 GOAL = 0.75  # megatron-lite / DTensor train-step time
 
 
@@ -207,22 +206,18 @@ def section_scaling(rep: Report, args, kw, dev, n_gpu) -> list:
 
 
 def section_mfu(rep: Report, args, dev) -> dict:
-    rep("== 5. MFU on one GPU: gpt2-small (L=12 h=768 a=12 s=1024 V=50304), T=1, bf16 autocast, AdamW (fused)")
+    rep("== 5. MFU on one GPU: gpt2-small (L=12 h=768 a=12 s=1024 V=50257), T=1, bf16 autocast, AdamW (fused); "
+        "benchmarks/gpu_check.py has more (llama3.2-1b, compile, kernels)")
     if dev != "cuda":
         rep("   skipped: no GPU")
         rep()
         return {"skipped": "no GPU"}
-    cfg = GPTConfig(**GPT2_SMALL)
     r = launch(measure.mfu_worker, 1, GPT2_SMALL, args.mfu_batch, 3, args.mfu_steps, device_type="cuda")
-    peak = theory.peak_tflops(r["gpu"])
-    r.update(flops_per_token=theory.flops_per_token(cfg), non_embedding_params=theory.non_embedding_params(cfg),
-             peak_tflops=peak, mfu=theory.mfu(r["tokens_per_s"], cfg, peak) if peak else None)
-    rep(f"   {r['gpu']}: micro-batch {r['micro_batch']}, {r['median_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} "
-        f"tokens/s, N = {r['non_embedding_params'] / 1e6:.1f} M non-embedding params, "
-        f"{r['flops_per_token'] / 1e9:.3f} GFLOP/token (6N + 12*L*h*s)")
-    rep("   MFU = tokens/s x FLOP/token / peak = " + (f"{100 * r['mfu']:.1f}% of {peak:.0f} TFLOP/s (dense bf16)"
-                                                      if peak else "n/a (GPU not in the peak table)")
-        + f"; peak memory {r['max_memory_gib']:.1f} GiB")
+    rep(f"   micro-batch {r['micro_batch']}, {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
+        f"{r['flops_per_token'] / 1e9:.3f} GFLOP/token (6N + 12*L*h*s, megatron_lite.metrics)")
+    rep("   MFU = tokens/s x FLOP/token / peak = " + (f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f} TFLOP/s "
+                                                      f"(dense bf16)" if r["mfu"] else "n/a (GPU not in the peak table)")
+        + f"; peak memory {r['peak_memory_gib']:.1f} GiB; SDPA {r['sdpa_backend']}")
     rep()
     return r
 

@@ -230,13 +230,3 @@ def non_embedding_params(cfg) -> int:
     sharded, replicated = param_counts(cfg)
     return sharded + replicated - cfg.padded_vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2) \
         - cfg.seq_len * cfg.hidden_size
-
-
-def flops_per_token(cfg, seq: int | None = None) -> float:
-    """Training FLOPs per token, PaLM appendix B: 6N + 12*L*H*Q*T (N non-embedding params, H heads, Q head
-    dim, T sequence length; H*Q = h)."""
-    return 6 * non_embedding_params(cfg) + 12 * cfg.num_layers * cfg.hidden_size * (seq or cfg.seq_len)
-
-
-def mfu(tokens_per_s: float, cfg, peak_tflops_: float, seq: int | None = None) -> float:
-    return tokens_per_s * flops_per_token(cfg, seq) / (peak_tflops_ * 1e12)

@@ -120,9 +120,10 @@ class Optimizer:
         self.model, self.ctx, self.grad_clip = model, ctx, o.grad_clip
         # the DP x CP group: every CP rank holds the same weights, and its gradient covers its own tokens
         # gradient_as_bucket_view: the gradients are views of DDP's buckets, not a second copy (4 B/param);
-        # broadcast_buffers off: the model's buffers (RoPE frequencies) are computed, equal on every rank
+        # no buffer broadcast before every forward: the model's buffers (RoPE frequencies) are computed, equal
+        # on every rank (torch 2.13's name for broadcast_buffers=False)
         self.module = DDP(model, process_group=ctx.dp_cp_group, gradient_as_bucket_view=True,
-                          broadcast_buffers=False) if ctx.dp_cp_size > 1 else model
+                          forward_sync_buffers=False) if ctx.dp_cp_size > 1 else model
         self.adamw = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                        fused=bool(o.fused and ctx.device.type == "cuda"))
         init_adam_state(self.adamw)
