@@ -32,8 +32,8 @@ from .theory import DP_GRADS, comm_items, theory
 def ab_worker(device, shapes: dict[str, dict], micro_batch: int, warmup: int, steps: int, sps: list[bool],
               profile: bool):
     """For each shape and SP setting: megatron-lite and the DTensor peer built from the same weights in the
-    same processes, timed step by step in turn. With `profile`, one step of each on the first shape is
-    profiled on rank 0 (table and a matmul / attention / total breakdown of self CPU time)."""
+    same processes, timed step by step in turn. Then one step of each is profiled on rank 0: the matmul and
+    attention self CPU time (`vs_arithmetic`: the median step time over it), and with `profile` the table."""
     ctx = build_parallel_context(dist.get_world_size(), device)
     out = {}
     for shape_name, cfg_kw in shapes.items():
@@ -60,16 +60,20 @@ def ab_worker(device, shapes: dict[str, dict], micro_batch: int, warmup: int, st
                      ratio=med["megatron-lite"] / med["dtensor"], paired_ratio=paired,
                      loss_step0=dict(megatron_lite=l_ml, dtensor=l_dt), loss_rel_diff=abs(l_ml - l_dt) / abs(l_dt),
                      tokens_per_step=micro_batch * cfg.seq_len)
-            if profile and shape_name == next(iter(shapes)):
-                r["profile"] = {name: _profile(device, lambda: step(model, opt, *batch(cfg, micro_batch, 0, device)))
-                                for name, (step, model, opt) in contenders.items()}
+            # one profiled step each: the time of its matmuls and attention, against which the measured step
+            # time gives the overhead (everything else: copies, collectives, Python, per-parameter work)
+            r["profile"] = {name: _profile(device, lambda: step(model, opt, *batch(cfg, micro_batch, 0, device)),
+                                           table=profile)
+                            for name, (step, model, opt) in contenders.items()}
+            arith = {name: (p["matmul_ms"] + p["attention_ms"]) / 1e3 for name, p in r["profile"].items() if p}
+            r["vs_arithmetic"] = {name: med[name] / a for name, a in arith.items()}
             out[f"{shape_name}, SP {'on' if sp else 'off'}"] = r
             del ml, dt, contenders
     return out
 
 
-def _profile(device, fn, rows: int = 15) -> dict:
-    """torch.profiler of one call on rank 0 (every rank runs fn): the top ops by self CPU time, and the
+def _profile(device, fn, rows: int = 15, table: bool = True) -> dict:
+    """torch.profiler of one call on rank 0 (every rank runs fn): the top ops by self CPU time (`table`), and the
     self time spent in matmuls and in attention against the total."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -81,8 +85,8 @@ def _profile(device, fn, rows: int = 15) -> dict:
         fn()
     events = prof.key_averages()
     ms = lambda pred: sum(e.self_cpu_time_total for e in events if pred(e.key)) / 1e3  # noqa: E731
-    return dict(table=events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48),
-                total_ms=ms(lambda k: True), matmul_ms=ms(lambda k: k in ("aten::mm", "aten::addmm", "aten::bmm")),
+    return dict(table=events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
+                if table else "", total_ms=ms(lambda k: True), matmul_ms=ms(lambda k: k in ("aten::mm", "aten::addmm", "aten::bmm")),
                 attention_ms=ms(lambda k: k.startswith("aten::_scaled_dot_product")))
 
 

@@ -40,7 +40,8 @@ BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_he
 SMALL = dict(BENCH, hidden_size=256, num_heads=4)  # section 1 context: less compute per collective and per op
 QUICK = dict(vocab_size=256, seq_len=32, num_layers=2, hidden_size=64, num_heads=4, dropout=0.0, seed=0)
 GPT2_SMALL = dict(vocab_size=50257, seq_len=1024, num_layers=12, hidden_size=768, num_heads=12, dropout=0.0)
-GOAL = 0.75  # megatron-lite / DTensor train-step time
+GOAL = 0.78  # megatron-lite / DTensor train-step time
+ARITH_GOAL = 1.3  # megatron-lite's step time / the time of its matmuls and attention
 
 
 def machine_info() -> dict:
@@ -95,21 +96,29 @@ def section_peer(rep: Report, args, shapes: dict[str, dict], dev) -> dict:
     b = args.micro_batch
     rep(f"== 1. megatron-lite vs PyTorch-native TP (DTensor), T=2, float32, micro-batch {b}, AdamW, no clipping")
     rep(f"   device {dev}; {args.steps} steps after {args.warmup} warm-up, the two alternating step by step in the "
-        f"same 2 processes; s/step = median of the slowest rank's step time")
+        f"same 2 processes; s/step = median of the slowest rank's step time; vs arithmetic = s/step / the self time "
+        f"of the matmuls and attention in one profiled step (rank 0): the overhead of everything else")
     for name, kw in shapes.items():
         rep(f"   {name}: {shape_str(kw, b)}")
     res = launch(measure.ab_worker, 2, shapes, b, args.warmup, args.steps, [False, True], args.profile,
-                         device_type=dev)
+                 device_type=dev)
     rows = []
-    for key, r in res.items():  # the goal is stated for the brief's shape; other shapes are context
-        verdict = ("met" if r["ratio"] <= GOAL else "NOT met") if r["config"] == BENCH else "(context)"
+    for key, r in res.items():  # the goals are stated for the brief's shape; other shapes are context
+        arith = r["vs_arithmetic"]
+        brief = r["config"] == BENCH
+        verdict = ("met" if r["ratio"] <= GOAL else "NOT met") if brief else "(context)"
+        arith_verdict = ("met" if arith["megatron-lite"] <= ARITH_GOAL else "NOT met") if brief else "(context)"
         rows.append([r["shape"], "on" if r["sp"] else "off", f"{r['median']['megatron-lite']:.3f}",
                      f"{r['median']['dtensor']:.3f}", f"{r['ratio']:.3f}", f"{r['paired_ratio']:.3f}", verdict,
+                     f"{arith['megatron-lite']:.2f}", f"{arith['dtensor']:.2f}", arith_verdict,
                      f"{r['loss_rel_diff']:.1e}"])
     rep.table(["shape", "SP", "megatron-lite s/step", "DTensor s/step", "ratio ML/DT", "median paired ratio",
-               f"goal <= {GOAL}", "step-0 loss rel diff"], rows)
+               f"goal <= {GOAL}", "ML vs arithmetic", "DT vs arithmetic", f"goal <= {ARITH_GOAL}",
+               "step-0 loss rel diff"], rows)
     for key, r in res.items():
-        for name, prof in (r.get("profile") or {}).items():
+        for name, prof in r["profile"].items():
+            if not prof.get("table"):
+                continue
             rep(f"-- profile of one step, {name}, {key} (rank 0): self CPU {prof['total_ms']:.0f} ms, of which matmul "
                 f"{prof['matmul_ms']:.0f} ms + attention {prof['attention_ms']:.0f} ms = "
                 f"{100 * (prof['matmul_ms'] + prof['attention_ms']) / prof['total_ms']:.0f}%")

@@ -17,12 +17,18 @@ bucket layout is the same on every DP rank, and the TP ranks of a DP rank hold s
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
 from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+# torch 2.13 asks for DTensor instead at every save and load of one; DTensor's placements cannot describe a flat
+# range of a 2-D tensor (see above), and DCP reads and writes ShardedTensors as before.
+warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor",
+                        category=FutureWarning)
 
 
 def flat_boxes(shape: list[int], start: int, end: int) -> list[tuple[list[int], list[int], int]]:

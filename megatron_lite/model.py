@@ -279,9 +279,11 @@ class Attention(nn.Module):
         c, Q = self.config, self.q_per_group
         qkv_SBX = self.qkv(x_SBH)
         S, B, _ = qkv_SBX.shape
-        qkv_BGtSXD = qkv_SBX.view(S, B, -1, Q + 2, c.head_dim).permute(1, 2, 0, 3, 4)  # X: the Q + 2 slots
-        q_BNtSD = qkv_BGtSXD[..., :Q, :].transpose(2, 3).flatten(1, 2)  # query heads g*Q .. g*Q + Q-1
-        k_BGtSD, v_BGtSD = qkv_BGtSXD[..., Q, :], qkv_BGtSXD[..., Q + 1, :]
+        # one split of the [S, B, Gt, X, D] view (X: the Q + 2 slots), so backward concatenates the three gradients
+        # into the QKV layout at once (three slices would each zero-fill a QKV-sized gradient and add them up)
+        q_SBGtQD, k_SBGt1D, v_SBGt1D = qkv_SBX.view(S, B, -1, Q + 2, c.head_dim).split([Q, 1, 1], dim=3)
+        q_BNtSD = q_SBGtQD.permute(1, 2, 3, 0, 4).flatten(1, 2)  # query heads g*Q .. g*Q + Q-1
+        k_BGtSD, v_BGtSD = k_SBGt1D.squeeze(3).permute(1, 2, 0, 3), v_SBGt1D.squeeze(3).permute(1, 2, 0, 3)
         if rope is not None:
             q_BNtSD, k_BGtSD = apply_rotary(q_BNtSD, *rope), apply_rotary(k_BGtSD, *rope)
         mask = None

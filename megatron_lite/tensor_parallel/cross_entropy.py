@@ -21,19 +21,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         Vt = logits.shape[-1]
         T, r = dist.get_world_size(group), dist.get_rank(group)
         start = r * Vt
-        # One float32 copy of the logits, and only one: shifted, exponentiated and normalized in place, it
-        # becomes the softmax that backward turns into the gradient, also in place (bf16 logits of Llama 3's
-        # vocabulary at 8k tokens: 4.2 GB, where a second copy would be another 4.2 GB at the activation peak).
-        z = logits.to(torch.float32, copy=True)
         # Columns >= vocab_size are padding (the vocabulary is padded to a fixed multiple): at -inf they weigh
-        # nothing in the max, the sum and the softmax, so padding never changes the loss or gets a gradient.
+        # nothing in the sum and the softmax, so padding never changes the loss or gets a gradient.
         n_valid = Vt if vocab_size is None else max(0, min(Vt, vocab_size - start))
+        logits_max = logits[..., :n_valid].amax(-1).float() if n_valid else \
+            logits.new_full(logits.shape[:-1], float("-inf"), dtype=torch.float32)
+        logits_max = all_reduce(logits_max, group, op="max")  # -inf on a rank with only padding: the MAX is finite
+        # One float32 tensor of the logits' size, and only one: z - max, written in float32 in one pass (bf16
+        # logits are promoted exactly), then exponentiated and normalized in place into the softmax that backward
+        # turns into the gradient, also in place. (bf16 logits of Llama 3's vocabulary at 8k tokens: 4.2 GB each;
+        # a float32 copy beside it would be another 4.2 GB at the activation peak.)
+        z = torch.sub(logits, logits_max.unsqueeze(-1))
         if n_valid < Vt:
             z[..., n_valid:] = float("-inf")
-
-        logits_max = z.amax(-1)  # -inf on a rank whose columns are all padding; the MAX over TP is finite
-        logits_max = all_reduce(logits_max, group, op="max")
-        z.sub_(logits_max.unsqueeze(-1))
 
         target_local = targets - start
         in_shard = (target_local >= 0) & (target_local < n_valid)

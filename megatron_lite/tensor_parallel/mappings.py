@@ -32,10 +32,14 @@ def wait(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup, op: str = "sum", wait: bool = True) -> torch.Tensor:
-    """x reduced over the group (`op`: sum | max), in a new tensor (the functional op's semantics)."""
+    """x reduced over the group (`op`: sum | max). Eagerly in place, so `x` must be a tensor the caller owns (a
+    fresh partial product); torch.compile traces the functional, out-of-place op. Use the returned tensor."""
     if group_size(group) == 1:
         return x
-    out = _c10d.all_reduce(x, op, group.group_name)
+    if torch.compiler.is_compiling():
+        out = _c10d.all_reduce(x, op, group.group_name)
+    else:
+        out = _c10d.all_reduce_(x, op, group.group_name)
     return _c10d.wait_tensor(out) if wait else out
 
 
@@ -80,7 +84,7 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce(grad.contiguous(), ctx.group), None
+        return all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
