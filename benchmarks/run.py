@@ -1,4 +1,4 @@
-"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,3,4,5,6,7,8,9]`.
+"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,...,10]`.
 
 1. against the peer: train-step time of megatron-lite / PyTorch-native TP (DTensor), T=2, SP off and on
 2. communication: every collective of a train step, counted, against the Megatron analysis (theory.py)
@@ -14,6 +14,9 @@
    agreement, flight recorder off and on; each piece alone
 9. data preparation: throughput per worker against the tokenizer's own encode speed, 1 vs 2 workers; peak
    memory and time of preparing a ~100 MB and a ~400 MB corpus (the stdlib source, repeated)
+10. ready for GPUs, measured on CPU: start-up with and without the weights' draw (a resume), the cross-entropy's
+   peak bytes, DDP's bytes per parameter, a zero=1 checkpoint's allocations, torch.compile's graphs; the GPU
+   itself: `make gpu-check` (benchmarks/gpu_check.py)
 
 CPU: gloo, N spawned processes with one thread each. GPUs: NCCL, one process per GPU; a job that needs more
 processes than there are GPUs runs on CPU (and says so). Sections 2 and 3 count things that do not depend
@@ -33,7 +36,7 @@ import torch
 
 from megatron_lite.resilience import FLIGHT_RECORDER_ENTRIES
 
-from . import data_prep, guards, measure, theory, zero
+from . import data_prep, guards, measure, readiness, theory, zero
 from .launch import launch
 
 BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_heads=8, dropout=0.0, seed=0)
@@ -450,12 +453,43 @@ def section_data(rep: Report, args) -> dict:
     return res
 
 
+def section_readiness(rep: Report, args, kw) -> dict:
+    b = args.micro_batch
+    rep(f"== 10. ready for GPUs, measured on CPU (issue 19), 4 processes, {shape_str(kw, b)}; the GPU itself: "
+        f"make gpu-check")
+    r = launch(readiness.readiness_worker, 4, kw, b)
+    rows = [[T, f"{x['params'] / 1e6:.2f}M", f"{x['drawn_s']:.3f}", f"{x['skipped_s']:.3f}",
+             human_bytes(x["drawn_peak"]), human_bytes(x["skipped_peak"]), human_bytes(x["local"])]
+            for T, x in r["build"].items()]
+    rep("-- a. start-up: GPT(...) with the weights' draw (a fresh run: full tensors drawn, slices kept) and without "
+        "(a resume or an HF load: the checkpoint's weights replace them)")
+    rep.table(["T", "params", "with draw s", "without s", "peak bytes with", "without", "this rank's weights"], rows)
+    rep("-- b. vocab-parallel cross-entropy, forward, T=2: peak bytes against one float32 copy of the logits")
+    rep.table(["logits", "peak", "one float32 copy", "peak / copy", "loss max |diff| vs dense fp32"],
+              [[c["dtype"], human_bytes(c["peak"]), human_bytes(c["one_copy"]), f"{c['peak'] / c['one_copy']:.3f}",
+                f"{c['loss_err']:.1e}"] for c in r["cross_entropy"]])
+    d = r["ddp"]
+    rep(f"-- c. DDP (zero=0) at DP=4, bytes held once backward is done: {d['held']:,} for {d['params']:,} parameters "
+        f"= {d['per_param']:.2f} B/param (theory 16: weights 4, gradients as views of DDP's buckets 4, AdamW 8)")
+    z = r["zero"]
+    rep(f"-- d. zero=1 checkpoint at DP={z['dp']} ({z['local']:,} local parameters, moments {human_bytes(z['moments'])} "
+        f"per rank, largest bucket {human_bytes(z['bucket_bytes'])}): the state dict adds "
+        f"{human_bytes(z['state_dict'])}; largest tensor of a save {human_bytes(z['save_largest'])}, of a load "
+        f"{human_bytes(z['load_largest'])}; gathering the moments (the former save and load) adds "
+        f"{human_bytes(z['gathered'])}; loaded == saved: {z['same']}")
+    c = r["compile"]
+    rep(f"-- e. torch.compile at T=2 + SP: dynamo graphs / breaks, whole model {c['graphs']} / {c['breaks']}, one "
+        f"block {c['block_graphs']} / {c['block_breaks']}")
+    rep()
+    return r
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
     p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="comma-separated subset of 1..9")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated subset of 1..10")
     p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
@@ -508,6 +542,8 @@ def main(argv=None) -> dict:
         result["guards"] = section_guards(rep, args, kw)
     if 9 in sections:
         result["data"] = section_data(rep, args)
+    if 10 in sections:
+        result["readiness"] = section_readiness(rep, args, kw)
     info["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0
     rep(f"total {result['wall_s']:.0f} s; load average at end {info['loadavg_end'][0]:.2f}; numbers in {args.out}")

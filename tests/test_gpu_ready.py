@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import types
 from pathlib import Path
 
 import pytest
@@ -35,20 +34,14 @@ from megatron_lite.model import GPT, GPTConfig
 from megatron_lite.optim import build_optimizer, grad_norm, param_groups
 from megatron_lite.parallel import build_parallel_context
 from megatron_lite.readout import HostReadCounter
-from megatron_lite.tensor_parallel import vocab_parallel_cross_entropy
 
-from benchmarks.host_memory import AllocationPeak
+from benchmarks import readiness
 
 GPT2 = dict(vocab_size=250, seq_len=32, num_layers=2, hidden_size=64, num_heads=4, dropout=0.0, seed=5)
 LLAMA = dict(GPT2, num_kv_heads=2, ffn_hidden_size=96, norm="rmsnorm", position_embedding="rope", mlp="swiglu",
              attention_bias=False, mlp_bias=False, tie_embeddings=False)
-OPTIM = types.SimpleNamespace(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0, fused=True)
+OPTIM = readiness.OPTIM
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tokens(cfg: dict, b: int = 2, seed: int = 0):
-    t = torch.randint(0, cfg["vocab_size"], (b, cfg["seq_len"] + 1), generator=torch.Generator().manual_seed(seed))
-    return t[:, :-1], t[:, 1:]
 
 
 # ---- the world's work ------------------------------------------------------------------------------------
@@ -59,44 +52,21 @@ def _same_model_and_no_draw(out: dict) -> None:
     res = {}
     for name, kw in (("gpt2", GPT2), ("llama", LLAMA)):
         ref = GPT(GPTConfig(**kw), one).full_state() if one is not None else None
-        model = GPT(GPTConfig(**kw), two)
-        full = model.full_state()
-        with AllocationPeak() as drawn:
-            GPT(GPTConfig(**kw), two)
-        with AllocationPeak() as skipped:
-            GPT(GPTConfig(**kw), two, init_weights=False)
-        local = sum(p.nbytes for p in model.parameters())
-        largest_full = max(t.nbytes for t in full.values())
+        full = GPT(GPTConfig(**kw), two).full_state()
+        build = readiness.model_build(two, kw)
         if ref is not None:
-            res[name] = dict(same=[k for k in ref if not torch.equal(ref[k], full[k])] == [], local=local,
-                             largest_full=largest_full, drawn_peak=drawn.peak, skipped_peak=skipped.peak)
+            res[name] = dict(same=[k for k in ref if not torch.equal(ref[k], full[k])] == [], **build)
     if one is not None:
         out["models"] = res
 
 
 def _cross_entropy_peak(out: dict) -> None:
-    """Peak bytes of the loss's forward on bf16 logits [S, B, V/T] at T=2; loss and gradient against the dense
-    float32 cross-entropy of the gathered logits."""
+    """Peak bytes of the loss's forward on bf16 logits [S, B, V/T] at T=2 (rank 1's columns partly padding); loss
+    and gradient against the dense float32 cross-entropy of the gathered logits."""
     ctx = build_parallel_context(2)
-    S, B, Vt, V = 64, 4, 512, 1000  # rank 1's columns 512..1023: 24 of them padding
-    g = torch.Generator().manual_seed(ctx.tp_rank)
-    logits = torch.randn(S, B, Vt, generator=g).to(torch.bfloat16).requires_grad_()
-    targets = torch.randint(0, V, (S, B), generator=torch.Generator().manual_seed(9))
-    with AllocationPeak() as fwd:
-        losses = vocab_parallel_cross_entropy(logits, targets, ctx.tp_group, vocab_size=V)
-    losses.sum().backward()
-    parts = [torch.empty_like(logits) for _ in range(2)]
-    dist.all_gather(parts, logits.detach(), group=ctx.tp_group)
-    dense = torch.cat(parts, -1)[..., :V].float().requires_grad_()
-    want = torch.nn.functional.cross_entropy(dense.flatten(0, 1), targets.flatten(), reduction="none")
-    want.sum().backward()
-    mine = dense.grad[..., ctx.tp_rank * Vt:(ctx.tp_rank + 1) * Vt]  # padding columns: no gradient
-    padding_grad = logits.grad[..., mine.shape[-1]:].abs().max().item() if mine.shape[-1] < Vt else 0.0
+    r = readiness.cross_entropy_memory(ctx, 64, 4, 512, 1000, torch.bfloat16)
     if ctx.rank == 0:
-        out["cross_entropy"] = dict(peak=fwd.peak, one_copy=4 * logits.numel(), per_token=S * B,
-                                    loss_err=(losses.float() - want.view(S, B)).abs().max().item(),
-                                    grad_err=(logits.grad.float()[..., :mine.shape[-1]] - mine).abs().max().item(),
-                                    padding_grad=padding_grad)
+        out["cross_entropy"] = r
 
 
 def _compile(out: dict) -> None:
@@ -106,18 +76,8 @@ def _compile(out: dict) -> None:
     cases = [(1, one, "gpt2", GPT2, False), (1, one, "llama", LLAMA, False), (2, two, "gpt2", GPT2, False),
              (2, two, "gpt2", GPT2, True), (2, two, "llama", LLAMA, True)]
     for T, ctx, name, kw, sp in cases:
-        if ctx is None:
-            continue
-        torch._dynamo.reset()
-        model = GPT(GPTConfig(**kw, sequence_parallel=sp), ctx)
-        tokens, targets = _tokens(kw)
-        ex = torch._dynamo.explain(model)(tokens, targets)
-        x = torch.randn(kw["seq_len"] // (T if sp else 1), 2, kw["hidden_size"])
-        rope = model.rotary(torch.arange(kw["seq_len"])) if kw.get("position_embedding") == "rope" else None
-        block = torch._dynamo.explain(model.blocks[0])(x, model.rng, rope)
-        res[(T, name, sp)] = dict(graphs=ex.graph_count, breaks=ex.graph_break_count,
-                                  block_graphs=block.graph_count, block_breaks=block.graph_break_count,
-                                  reasons=[b.reason[:200] for b in ex.break_reasons])
+        if ctx is not None:
+            res[(T, name, sp)] = readiness.compile_graphs(ctx, kw, sp)
     # a compiled train step computes the eager losses (dynamo's graphs run eagerly: the capture is what is tested)
     for T, ctx, kw, sp in ((2, two, LLAMA, True),):
         torch._dynamo.reset()
@@ -128,7 +88,7 @@ def _compile(out: dict) -> None:
             forward = torch.compile(model, backend="eager") if mode == "compiled" else model
             losses[mode] = []
             for step in range(2):
-                loss = forward(*_tokens(kw, seed=step))
+                loss = forward(*readiness.tokens(kw, seed=step))
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
@@ -164,7 +124,7 @@ def _rng_across_devices(out: dict, root: Path) -> None:
         try:
             load_state(path, fresh, fresh_opt, ctx, log=notes.append)
             same = all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
-            loss = fresh(*_tokens(kw))
+            loss = fresh(*readiness.tokens(kw))
             loss.backward()
             fresh_opt.step()
             trained = math.isfinite(loss.item())
@@ -177,21 +137,9 @@ def _rng_across_devices(out: dict, root: Path) -> None:
 
 
 def _ddp_bytes(out: dict) -> None:
-    """DP=2 with DDP: the bytes held once backward is done (activations freed): weights, gradients, DDP's
-    buckets, AdamW's moments."""
-    ctx = build_parallel_context(1)  # DP = 2
-    kw = dict(GPT2, hidden_size=128, num_layers=3, vocab_size=1000)
-    with AllocationPeak() as held:
-        model = GPT(GPTConfig(**kw), ctx)
-        opt = build_optimizer(model, OPTIM, ctx)
-        for step in range(2):
-            opt.module(*_tokens(kw, seed=ctx.dp_rank + 2 * step)).backward()
-            if step == 0:
-                opt.step()
-                opt.zero_grad()
-    params = sum(p.numel() for p in model.parameters())
-    if ctx.rank == 0:
-        out["ddp"] = dict(params=params, held=held.net, per_param=held.net / params)
+    r = readiness.ddp_bytes(build_parallel_context(1), dict(GPT2, hidden_size=128, num_layers=3, vocab_size=1000))
+    if dist.get_rank() == 0:  # DP = 2
+        out["ddp"] = r
 
 
 def _small_ones(out: dict) -> None:

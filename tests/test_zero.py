@@ -287,38 +287,15 @@ def _checkpoint_matrix(out: dict, root: Path) -> None:
 
 def _checkpoint_memory(out: dict, root: Path) -> None:
     """DP4 x TP1, zero=1: what building the checkpoint's state dict adds to what the rank holds (weights,
-    gradients, its 1/DP of the moments), and the largest tensor a save or a load allocates, against one bucket;
-    and, for scale, what gathering the full moments (full_state, what saves and loads did) adds."""
-    from benchmarks.host_memory import AllocationPeak, LargestFloatTensor
+    gradients, its 1/DP of the moments), and the largest tensor a save and a load create, against one bucket; and,
+    for scale, what gathering the full moments (full_state, what saves and loads did) adds."""
+    from benchmarks.readiness import zero_checkpoint_memory
     ctx = build_parallel_context(1, world_size=4)
     group = dist.new_group(list(range(4)))
-    if ctx is None:
-        return
-    model, opt = build(ctx, CFG, False, 1)
-    train(model, opt, ctx, 1, CFG)
-    path = root / "memory" / "step_0000001"
-    with AllocationPeak() as state_dict:
-        sd = _full_state(model, opt, ctx)
-    with AllocationPeak() as save, LargestFloatTensor() as save_largest:  # the peak includes DCP's writer's host
-        dcp.save(sd, checkpoint_id=str(path), process_group=group)  # copy of each view it writes (GPU: .cpu())
-    if ctx.rank == 0:
-        (path / "meta.json").write_text(json.dumps({"step": 1, "consumed_samples": GLOBAL_BATCH}))
-    dist.barrier(group=group)
-    fresh, fresh_opt = build(ctx, CFG, False, 1)
-    with AllocationPeak() as load, LargestFloatTensor() as load_largest:
-        load_state(path, fresh, fresh_opt, ctx, process_group=group)
-    with AllocationPeak() as gathered:
-        opt.full_state()
-    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters())) and \
-        torch.equal(opt.exp_avg, fresh_opt.exp_avg) and torch.equal(opt.exp_avg_sq, fresh_opt.exp_avg_sq)
-    sizes = torch.tensor([state_dict.peak, save_largest.bytes, load_largest.bytes, gathered.peak, gathered.largest],
-                         dtype=torch.float64)
-    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
-    if ctx.rank == 0:
-        out["memory"] = dict(zip(["state_dict", "save_largest", "load_largest", "gathered", "gathered_largest"],
-                                 sizes.long().tolist()), same=same, bucket_bytes=4 * max(b.numel for b in opt.buckets),
-                             local=sum(p.numel() for p in model.parameters()), dp=ctx.dp_size,
-                             save_peak=save.peak, load_peak=load.peak)
+    if ctx is not None:
+        m = zero_checkpoint_memory(ctx, CFG, root / "memory", group, BUCKET)
+        if ctx.rank == 0:
+            out["memory"] = m
 
 
 def _state_keys(sd: dict) -> list[str]:
@@ -453,14 +430,13 @@ def test_checkpoint_loads_in_every_layout_with_zero_on_and_off(world):
 
 
 def test_zero1_checkpoints_gather_no_moments(world):
-    """A save hands DCP views of each rank's ranges (nothing allocated), and neither a save nor a load allocates a
+    """A save hands DCP views of each rank's ranges (nothing allocated), and neither a save nor a load creates a
     tensor larger than one bucket: the full moments (8 bytes per local parameter) are never gathered."""
     m = world["memory"]
     print(f"\nzero=1 DP{m['dp']}, {m['local']:,} local parameters, largest bucket {m['bucket_bytes']:,} bytes: the "
           f"state dict adds {m['state_dict']:,} bytes; the largest tensor of a save {m['save_largest']:,}, of a load "
-          f"{m['load_largest']:,} (peaks, DCP's host staging included: {m['save_peak']:,}, {m['load_peak']:,}); "
-          f"gathering the moments, as saves and loads did, adds {m['gathered']:,}")
+          f"{m['load_largest']:,}; gathering the moments, as saves and loads did, adds {m['gathered']:,}")
     assert m["same"], m
     assert m["state_dict"] < m["bucket_bytes"], m
     assert m["save_largest"] <= m["bucket_bytes"] and m["load_largest"] <= m["bucket_bytes"], m
-    assert m["gathered"] >= 8 * m["local"] and m["gathered_largest"] >= 4 * m["local"], m
+    assert m["gathered"] >= 8 * m["local"], m

@@ -27,11 +27,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits_max = logits[..., :n_valid].amax(-1).float() if n_valid else \
             logits.new_full(logits.shape[:-1], float("-inf"), dtype=torch.float32)
         logits_max = all_reduce(logits_max, group, op="max")  # -inf on a rank with only padding: the MAX is finite
-        # One float32 tensor of the logits' size, and only one: z - max, written in float32 in one pass (bf16
-        # logits are promoted exactly), then exponentiated and normalized in place into the softmax that backward
-        # turns into the gradient, also in place. (bf16 logits of Llama 3's vocabulary at 8k tokens: 4.2 GB each;
-        # a float32 copy beside it would be another 4.2 GB at the activation peak.)
-        z = torch.sub(logits, logits_max.unsqueeze(-1))
+        # One float32 tensor of the logits' size, and only one: z - max (float32 logits: in one pass; bf16: a
+        # float32 copy, shifted in place, as a mixed-dtype subtraction would stage a float32 copy of its own), then
+        # exponentiated and normalized in place into the softmax that backward turns into the gradient, also in
+        # place. (Llama 3's vocabulary at 8k tokens: bf16 logits 2.1 GB, each float32 tensor of them 4.2 GB.)
+        shift = logits_max.unsqueeze(-1)
+        z = logits - shift if logits.dtype == torch.float32 else logits.float().sub_(shift)
         if n_valid < Vt:
             z[..., n_valid:] = float("-inf")
 
