@@ -56,7 +56,7 @@ LOSS_MODEL = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=256, n
 # name -> (shape, micro-batch, torch.compile too) on a GPU, and on the CPU
 MODELS = {"cuda": {"gpt2-small": (GPT2_SMALL, 16, True), "llama3.2-1b": (LLAMA_1B, 4, False)},
           "cpu": {"gpt2-small (tiny)": (TINY, 2, False), "llama3.2-1b (tiny)": (TINY_LLAMA, 2, False)}}
-LOSS = {"cuda": (LOSS_MODEL, 8), "cpu": (TINY, 4)}
+LOSS = {"cuda": (LOSS_MODEL, 8), "cpu": (dict(TINY, vocab_size=256, seq_len=32, hidden_size=32, num_heads=2), 4)}
 OPTIM = SimpleNamespace(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0, fused=True)
 LOSS_RTOL = 2e-2  # bf16 autocast against float32, per step over 20 steps (a bf16 mantissa is 2^-8 = 4e-3)
 MFU_GOAL = 0.50
