@@ -3,7 +3,8 @@
 One optimizer step consumes `train.global_batch_size` sequences: each DP rank runs `grad_accum` micro-batches
 of `train.micro_batch_size`; the gradients are reduced over the DP group once, during the last micro-batch's
 backward (DDP's all-reduce, or the distributed optimizer's reduce-scatter under parallel.zero=1), and
-finalized (optim.finalize_model_grads) once per optimizer step.
+finalized (optim.finalize_model_grads) once per optimizer step. The step's loss is the mean over all of its
+counted targets (token_loss.py: each micro-batch's loss is weighted by its share of them).
 
 At every step boundary the ranks agree whether to stop (a stop signal, the time limit) and on the outcome of
 the checkpoint in flight; a hang watchdog is armed for every step, evaluation and save (resilience.py).
@@ -22,7 +23,8 @@ from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer
 from .config import Config, gpt_config, grad_accum_steps
-from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, make_sampler, prepare_corpus
+from .data import TokenizedCorpus, dp_sample_indices, prepare_corpus
+from .data.packing import make_windows
 from .generate import generate
 from .hf import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
@@ -30,6 +32,7 @@ from .model import GPT
 from .optim import build_optimizer, lr_at
 from .parallel import ParallelContext, init_parallel
 from .resilience import RunGuard
+from .token_loss import count_targets, token_weights
 
 
 class DivergenceError(RuntimeError):
@@ -81,8 +84,11 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     guard.write_status("running")
 
     accum = grad_accum_steps(cfg, ctx.world_size)
-    train_data = make_sampler(cfg.data.sampling, corpus.train_tokens(), cfg.model.seq_len, cfg.train.seed, name="train")
-    val_data = make_sampler(cfg.data.sampling, corpus.val_tokens(), cfg.model.seq_len, cfg.train.seed + 1, name="val")
+    train_data = make_windows(cfg.data, corpus, "train", cfg.model.seq_len, cfg.train.seed)
+    val_data = make_windows(cfg.data, corpus, "val", cfg.model.seq_len, cfg.train.seed + 1)
+    for data in (train_data, val_data):
+        if data.describe():
+            log.info(f"data: {data.describe()}")
     if cfg.data.sampling == "epoch":
         log.info(f"data: epochs of {train_data.windows:,} windows ({train_data.windows / cfg.train.global_batch_size:,.1f} "
                  f"steps); sample {state.consumed_samples:,} is in epoch {train_data.epoch(state.consumed_samples)}")
@@ -97,14 +103,16 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=ctx.device)
-        for micro in range(accum):
-            x, y = train_data.batch(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
-                                                      ctx.dp_rank, ctx.dp_size))
+        batches = [train_data.sample(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
+                                                       ctx.dp_rank, ctx.dp_size)) for micro in range(accum)]
+        weights = token_weights([count_targets(b.targets) for b in batches], ctx)  # 1.0 each for plain text
+        for micro, (batch, weight) in enumerate(zip(batches, weights)):
+            b = batch.to(ctx.device)
             sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
             with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
-                loss = forward(x.to(ctx.device), y.to(ctx.device))
-                (loss / accum).backward()
-            loss_sum += loss.detach()
+                loss = forward(b.tokens, b.targets, **b.metadata())
+                (loss * weight / accum).backward()
+            loss_sum += loss.detach() * weight
         norm = opt.prepare_grads()  # finalize: DP reduction done, SP-replicated grads summed over TP; global norm
         loss_avg, norm_value = _dp_mean(loss_sum / accum, ctx), norm.item()
         if not (math.isfinite(loss_avg) and math.isfinite(norm_value)):  # before the update spoils the weights
@@ -143,18 +151,19 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
 
 
 @torch.no_grad()
-def _evaluate(model: GPT, data: WindowSampler, cfg: Config, ctx: ParallelContext, autocast) -> float:
-    """Mean loss over the same eval_iters x global-batch validation windows every time, split over DP
-    like a training step, so that the value does not depend on the layout."""
+def _evaluate(model: GPT, data, cfg: Config, ctx: ParallelContext, autocast) -> float:
+    """Mean loss over the counted targets of the same eval_iters x global-batch validation windows every time,
+    split over DP like a training step, so that the value does not depend on the layout."""
     model.eval()
     accum = grad_accum_steps(cfg, ctx.world_size)
     total = torch.zeros((), device=ctx.device)
-    for it in range(cfg.train.eval_iters):
-        for micro in range(accum):
-            x, y = data.batch(dp_sample_indices(it * cfg.train.global_batch_size, micro,
-                                                cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size))
-            with autocast:
-                total += model(x.to(ctx.device), y.to(ctx.device))
+    batches = [data.sample(dp_sample_indices(it * cfg.train.global_batch_size, micro, cfg.train.micro_batch_size,
+                                             ctx.dp_rank, ctx.dp_size))
+               for it in range(cfg.train.eval_iters) for micro in range(accum)]
+    for batch, weight in zip(batches, token_weights([count_targets(b.targets) for b in batches], ctx)):
+        b = batch.to(ctx.device)
+        with autocast:
+            total += model(b.tokens, b.targets, **b.metadata()) * weight
     model.train()
     return _dp_mean(total / (cfg.train.eval_iters * accum), ctx)
 
@@ -170,10 +179,11 @@ def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger
 
 
 def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
+    """The mean over the DP x CP ranks (each holds its own tokens' losses; the DP group when CP = 1)."""
     value = value.detach().float().clone()
-    if ctx.dp_size > 1:
-        dist.all_reduce(value, group=ctx.dp_group)
-    return value.item() / ctx.dp_size
+    if ctx.dp_cp_size > 1:
+        dist.all_reduce(value, group=ctx.dp_cp_group)
+    return value.item() / ctx.dp_cp_size
 
 
 def _autocast(cfg: Config, ctx: ParallelContext):

@@ -18,6 +18,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from .config import DataError
 
 BINS = ("train.bin", "val.bin")
+FLAGS = ("train.flags.bin", "val.flags.bin")  # chat formats: a byte per token beside the ids (data/chat_prepare.py)
 
 
 def problem(path: Path) -> str | None:
@@ -28,6 +29,8 @@ def problem(path: Path) -> str | None:
         meta = json.loads((path / "meta.json").read_text())
         expected = {name: meta[f"{name.split('.')[0]}_tokens"] * np.dtype(meta["dtype"]).itemsize for name in BINS}
         expected.update({name: size for name, size in meta["tokenizer"]["files"].items()})
+        if meta.get("data_format", "text") != "text":
+            expected.update({name: meta[f"{name.split('.')[0]}_tokens"] for name in FLAGS})
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"meta.json is unreadable ({e})"
     for name, size in expected.items():
@@ -69,6 +72,14 @@ class TokenizedCorpus:
     def vocab_size(self) -> int:
         return self.meta["tokenizer"]["vocab_size"]
 
+    @property
+    def data_format(self) -> str:
+        return self.meta.get("data_format", "text")
+
+    def flags(self, split: str) -> np.ndarray | None:
+        """Chat formats: the flags byte of each token of `split` (train or val; data/chat_prepare.py); else None."""
+        return None if self.data_format == "text" else _tokens(self.path / f"{split}.flags.bin", "uint8")
+
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.path)
 
@@ -87,7 +98,7 @@ class TokenizedCorpus:
                 "tokenizer_desc": t["describe"]}
 
     def verify_checksums(self) -> None:
-        for name in BINS:
+        for name in self.meta["sha256"]:  # the token files (and, for chat formats, their flags)
             h = hashlib.sha256()
             with open(self.path / name, "rb") as f:
                 while chunk := f.read(1 << 24):
@@ -106,7 +117,13 @@ class TokenizedCorpus:
             f"  tokenizer: {t['describe']} (fingerprint {t['fingerprint']})",
             f"  tokens:    {train:,} train + {val:,} validation ({100 * val / max(train + val, 1):.1f}%), {m['dtype']}; "
             f"{m['text_bytes'] / max(train + val, 1):.2f} bytes of text per token",
-            f"  prepared in {m['seconds']:.1f} s with {m['workers']} worker{'s' if m['workers'] != 1 else ''}"])
+            f"  prepared in {m['seconds']:.1f} s with {m['workers']} worker{'s' if m['workers'] != 1 else ''}",
+            *([f"  {_describe_tokens(m)}"] if self.data_format != "text" else [])])
+
+
+def _describe_tokens(meta: dict) -> str:
+    from .chat_prepare import describe_tokens
+    return describe_tokens(meta)
 
 
 def _tokens(path: Path, dtype: str) -> np.ndarray:

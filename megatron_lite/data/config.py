@@ -25,6 +25,10 @@ class DataConfig:
     allow_corpus_change: bool = False  # resume a checkpoint trained on another corpus or tokenizer
     cache_dir: str = "data/cache"  # a relative path is relative to the repository root, not the cwd
     max_tokenizer_chars: int = 20_000_000  # cap on the text sampled to train the BPE
+    # chat and instruction data (data/chat.py, data/chat_prepare.py, data/packing.py)
+    format: str = "text"  # text | chat (rows of `messages`) | prompt_completion (rows of `prompt`, `completion`)
+    packing: bool = True  # chat formats: whole conversations share a window (attention kept within each); false: pad
+    document_mask: bool = False  # text: attention and positions restart at every document (as packed chat data)
 
 
 DTYPES = {"uint16": 2**16, "uint32": 2**32}
@@ -48,6 +52,9 @@ def check_settings(cfg: DataConfig) -> None:
     if cfg.sampling not in ("random", "epoch"):
         raise DataError(f"data.sampling={cfg.sampling!r} must be random (windows at random offsets, with "
                         f"replacement) or epoch (every window once per epoch)")
+    if cfg.format not in ("text", "chat", "prompt_completion"):
+        raise DataError(f"data.format={cfg.format!r} must be text, chat (JSONL/Parquet rows with `messages`) or "
+                        f"prompt_completion (rows with `prompt` and `completion`)")
     if not cfg.text_key:
         raise DataError("data.text_key is empty: name the JSONL field / Parquet column holding the text")
 

@@ -62,8 +62,9 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
                            "script's top-level code under `if __name__ == '__main__':`")
     files = check_data(cfg)
     out = cache_root(cfg) / corpus_key(files, cfg)
-    built = build_once(out, lambda work, previous, held: _build(files, cfg, out.name, work, previous, held, log,
-                                                                  progress_bar), problem, log)
+    build = _build if cfg.format == "text" else _build_chat
+    built = build_once(out, lambda work, previous, held: build(files, cfg, out.name, work, previous, held, log,
+                                                                 progress_bar), problem, log)
     corpus = TokenizedCorpus.open(out)
     if built:
         m = corpus.meta
@@ -71,7 +72,19 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
             f"val tokens in {m['seconds']:.1f} s")
     else:
         log(f"data: using cached tokens in {out}")
+    if cfg.format != "text":
+        from .chat_prepare import describe_tokens
+        log(f"data: {describe_tokens(corpus.meta)}")
     return corpus
+
+
+def _build_chat(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: Path | None, held: HeldLock,
+                log: Callable[[str], None], bar: bool) -> None:
+    """data.format=chat | prompt_completion: data/chat_prepare.py builds, with this module's tokenizer record."""
+    from .chat_prepare import build
+    total = sum(f.stat().st_size for f in files)
+    workers = min(cfg.workers or available_cores(), max(1, -(-total // readers.BLOCK)))
+    build(files, cfg, key, work, previous, held, log, bar, workers, _tokenizer_meta)
 
 
 def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: Path | None, held: HeldLock,
@@ -108,15 +121,18 @@ def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: P
         val_fraction=cfg.val_fraction, documents=stats.documents, text_bytes=stats.text_bytes,
         segments=stats.segments, val_segments=stats.val_segments, corpus=_corpus_id(stats, cfg),
         train_tokens=state["train.bin"] // dtype.itemsize, val_tokens=state["val.bin"] // dtype.itemsize,
-        dtype=dtype.name, sha256=digests,
-        tokenizer=dict(kind=tok.kind, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
-                       add_bos=tok.add_bos, fingerprint=tok.fingerprint, describe=tok.describe(),
-                       source=str(cfg.tokenizer) if cfg.tokenizer else "trained on this corpus",
-                       files={name: (work / name).stat().st_size for name in tok.files}),
+        dtype=dtype.name, sha256=digests, tokenizer=_tokenizer_meta(tok, cfg, work),
         seconds=time.time() - t0, workers=workers, host=socket.gethostname())
     (work / "meta.json").write_text(json.dumps(meta, indent=1))
     (work / STATE).unlink()
     (work / "DONE").touch()
+
+
+def _tokenizer_meta(tok, cfg: DataConfig, work: Path) -> dict:
+    return dict(kind=tok.kind, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id, add_bos=tok.add_bos,
+                fingerprint=tok.fingerprint, describe=tok.describe(),
+                source=str(cfg.tokenizer) if cfg.tokenizer else "trained on this corpus",
+                files={name: (work / name).stat().st_size for name in tok.files})
 
 
 def _corpus_id(stats: Stats, cfg: DataConfig) -> str:

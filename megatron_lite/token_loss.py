@@ -1,0 +1,36 @@
+"""Per-token loss normalization (Megatron-Core's `calculate_per_token_loss`).
+
+The step's gradient is the gradient of the mean loss over every counted target of the step -- all micro-batches,
+all DP and CP ranks -- not the mean of the micro-batches' means, which weighs a token by one over the count of
+its micro-batch and so changes with the layout when masks make the counts differ (chat data: only the
+assistant's tokens count).
+
+The model returns a micro-batch's mean over its own counted targets, l_m = S_m / n_m. The trainer counts the
+targets n_m of each of its M micro-batches before the forward, sums them over the G = DP x CP ranks that reduce
+the gradients (one small all-reduce per step) into N, and back-propagates l_m * w_m / M with
+
+    w_m = n_m * M * G / N.
+
+DDP (or the distributed optimizer) averages the gradients over the G ranks, so the step's gradient is
+sum over ranks and micro-batches of n_m grad(l_m) / N = grad(sum of S / N), and the logged loss, the mean over
+ranks of sum_m l_m w_m / M, is sum S / N. With the same count everywhere, n_m M G = N in integers and w_m = 1.0
+exactly: the plain-text path computes what it computed before, bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def count_targets(targets: torch.Tensor) -> int:
+    """The targets the loss counts (not -100); on the host tensor, before it goes to the device."""
+    return int((targets != -100).sum())
+
+
+def token_weights(counts: list[int], ctx) -> list[float]:
+    """w_m of each of this rank's micro-batches from their target counts n_m (collective over ctx.dp_cp_group)."""
+    total = torch.tensor([sum(counts)], dtype=torch.int64, device=ctx.device)
+    if ctx.dp_cp_size > 1:
+        dist.all_reduce(total, group=ctx.dp_cp_group)
+    N, MG = int(total.item()), len(counts) * ctx.dp_cp_size
+    return [n * MG / N if N else 0.0 for n in counts]
