@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from .checkpoint import Checkpointer
 from .config import Config, gpt_config, grad_accum_steps
 from .data import TokenizedCorpus, dp_sample_indices, prepare_corpus
-from .data.packing import make_windows
+from .data.packing import Batch, make_windows
 from .generate import generate
 from .hf import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
@@ -102,17 +102,9 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         lr = lr_at(state.step, cfg.optim, cfg.train.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=ctx.device)
         batches = [train_data.sample(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
                                                        ctx.dp_rank, ctx.dp_size)) for micro in range(accum)]
-        weights = token_weights([count_targets(b.targets) for b in batches], ctx)  # 1.0 each for plain text
-        for micro, (batch, weight) in enumerate(zip(batches, weights)):
-            b = batch.to(ctx.device)
-            sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
-            with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
-                loss = forward(b.tokens, b.targets, **b.metadata())
-                (loss * weight / accum).backward()
-            loss_sum += loss.detach() * weight
+        loss_sum = forward_backward(forward, opt, batches, ctx, autocast)
         norm = opt.prepare_grads()  # finalize: DP reduction done, SP-replicated grads summed over TP; global norm
         loss_avg, norm_value = _dp_mean(loss_sum / accum, ctx), norm.item()
         if not (math.isfinite(loss_avg) and math.isfinite(norm_value)):  # before the update spoils the weights
@@ -148,6 +140,23 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         if not stop:  # a stop signal during the last step: exit now, the sample can wait
             _sample(model, corpus, cfg, log)
     log.finish()
+
+
+def forward_backward(forward, opt, batches: list[Batch], ctx: ParallelContext, autocast) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches of one step, each loss scaled by its share of the step's
+    counted targets (token_loss.py: weight 1.0 when every micro-batch counts as many); the gradients are reduced
+    over DP once, during the last backward. Returns sum_m loss_m * weight_m (the step's loss is its DP mean / M)."""
+    accum = len(batches)
+    loss_sum = torch.zeros((), device=ctx.device)
+    weights = token_weights([count_targets(b.targets) for b in batches], ctx)  # counted before the forward
+    for micro, (batch, weight) in enumerate(zip(batches, weights)):
+        b = batch.to(ctx.device)
+        sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
+        with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
+            loss = forward(b.tokens, b.targets, **b.metadata())
+            (loss * weight / accum).backward()
+        loss_sum += loss.detach() * weight
+    return loss_sum
 
 
 @torch.no_grad()
