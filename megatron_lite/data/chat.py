@@ -243,7 +243,7 @@ def token_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
             ids.append(tok.newline_id)
             offsets.append((base - 1, base))
         char_at = [i for i, ch in enumerate(line) for _ in range(len(ch.encode("utf-8")))] + [len(line)]
-        for piece in tok.sp.encode(line, out_type="immutable_proto").pieces:
+        for piece in tok.sp.encode(line, out_type="proto").pieces:
             ids.append(piece.id)
             offsets.append((base + char_at[piece.begin], base + char_at[piece.end]))
         base += len(line) + 1

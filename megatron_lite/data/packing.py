@@ -21,6 +21,7 @@ consumed, as for text, and a resumed run reads the same windows.
 """
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left, insort
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -50,16 +51,16 @@ class Batch:
 
 def best_fit_decreasing(sizes: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins (lists of item indices) of total size <= capacity: items in decreasing size (ties in index order),
-    each into the fullest bin it fits, a new bin when none. Deterministic; O(n log n) for sizes <= capacity."""
+    each into the fullest bin it fits (the oldest of equals), a new bin when none. Deterministic; O(n log n)."""
     bins: list[list[int]] = []
-    by_room: dict[int, list[int]] = {}  # room left -> bins with exactly that room
+    by_room: dict[int, list[int]] = {}  # room left -> heap of the bins with exactly that room
     rooms: list[int] = []  # the distinct rooms left, sorted
     for item in np.argsort(-np.asarray(sizes), kind="stable").tolist():
         size = int(sizes[item])
         k = bisect_left(rooms, size)
         if k < len(rooms):
             room = rooms[k]
-            b = by_room[room].pop()
+            b = heapq.heappop(by_room[room])
             if not by_room[room]:
                 del by_room[room], rooms[k]
         else:
@@ -70,7 +71,7 @@ def best_fit_decreasing(sizes: np.ndarray, capacity: int) -> list[list[int]]:
             if room - size not in by_room:
                 by_room[room - size] = []
                 insort(rooms, room - size)
-            by_room[room - size].append(b)
+            heapq.heappush(by_room[room - size], b)
     return bins
 
 
