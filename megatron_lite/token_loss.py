@@ -14,9 +14,12 @@ the gradients (one small all-reduce per step) into N, and back-propagates l_m * 
 DDP (or the distributed optimizer) averages the gradients over the G ranks, so the step's gradient is
 sum over ranks and micro-batches of n_m grad(l_m) / N = grad(sum of S / N), and the logged loss, the mean over
 ranks of sum_m l_m w_m / M, is sum S / N. With the same count everywhere, n_m M G = N in integers and w_m = 1.0
-exactly: the plain-text path computes what it computed before, bit for bit.
+exactly: the plain-text path computes what it computed before, bit for bit. `forward_backward` is the step's
+micro-batch loop that applies it.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -34,3 +37,20 @@ def token_weights(counts: list[int], ctx) -> list[float]:
         dist.all_reduce(total, group=ctx.dp_cp_group)
     N, MG = int(total.item()), len(counts) * ctx.dp_cp_size
     return [n * MG / N if N else 0.0 for n in counts]
+
+
+def forward_backward(forward, opt, batches: list, ctx, autocast) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches of one step (the trainer's loop), each loss scaled by
+    w_m / M; the gradients are reduced over DP once, during the last backward. Returns sum_m l_m w_m (the step's
+    loss is its mean over the DP x CP ranks, divided by M)."""
+    accum = len(batches)
+    loss_sum = torch.zeros((), device=ctx.device)
+    weights = token_weights([count_targets(b.targets) for b in batches], ctx)  # counted before the forward
+    for micro, (batch, weight) in enumerate(zip(batches, weights)):
+        b = batch.to(ctx.device)
+        sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
+        with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
+            loss = forward(b.tokens, b.targets, **b.metadata())
+            (loss * weight / accum).backward()
+        loss_sum += loss.detach() * weight
+    return loss_sum

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from .checkpoint import Checkpointer
 from .config import Config, gpt_config, grad_accum_steps
 from .data import TokenizedCorpus, dp_sample_indices, prepare_corpus
-from .data.packing import Batch, make_windows
+from .data.packing import make_windows
 from .generate import generate
 from .hf import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
@@ -32,7 +32,7 @@ from .model import GPT
 from .optim import build_optimizer, lr_at
 from .parallel import ParallelContext, init_parallel
 from .resilience import RunGuard
-from .token_loss import count_targets, token_weights
+from .token_loss import count_targets, forward_backward, token_weights
 
 
 class DivergenceError(RuntimeError):
@@ -140,23 +140,6 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         if not stop:  # a stop signal during the last step: exit now, the sample can wait
             _sample(model, corpus, cfg, log)
     log.finish()
-
-
-def forward_backward(forward, opt, batches: list[Batch], ctx: ParallelContext, autocast) -> torch.Tensor:
-    """Forward and backward of this rank's micro-batches of one step, each loss scaled by its share of the step's
-    counted targets (token_loss.py: weight 1.0 when every micro-batch counts as many); the gradients are reduced
-    over DP once, during the last backward. Returns sum_m loss_m * weight_m (the step's loss is its DP mean / M)."""
-    accum = len(batches)
-    loss_sum = torch.zeros((), device=ctx.device)
-    weights = token_weights([count_targets(b.targets) for b in batches], ctx)  # counted before the forward
-    for micro, (batch, weight) in enumerate(zip(batches, weights)):
-        b = batch.to(ctx.device)
-        sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
-        with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
-            loss = forward(b.tokens, b.targets, **b.metadata())
-            (loss * weight / accum).backward()
-        loss_sum += loss.detach() * weight
-    return loss_sum
 
 
 @torch.no_grad()
