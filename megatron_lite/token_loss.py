@@ -15,7 +15,7 @@ DDP (or the distributed optimizer) averages the gradients over the G ranks, so t
 sum over ranks and micro-batches of n_m grad(l_m) / N = grad(sum of S / N), and the logged loss, the mean over
 ranks of sum_m l_m w_m / M, is sum S / N. With the same count everywhere, n_m M G = N in integers and w_m = 1.0
 exactly: the plain-text path computes what it computed before, bit for bit. `forward_backward` is the step's
-micro-batch loop that applies it.
+micro-batch loop that applies it, `mean_loss` the same mean for evaluation.
 """
 from __future__ import annotations
 
@@ -30,13 +30,22 @@ def count_targets(targets: torch.Tensor) -> int:
     return int((targets != -100).sum())
 
 
-def token_weights(counts: list[int], ctx) -> list[float]:
-    """w_m of each of this rank's micro-batches from their target counts n_m (collective over ctx.dp_cp_group)."""
+def token_weights(counts: list[int], ctx) -> tuple[list[float], int]:
+    """(w_m of each of this rank's micro-batches, N) from their target counts n_m (collective over the DP x CP
+    group)."""
     total = torch.tensor([sum(counts)], dtype=torch.int64, device=ctx.device)
     if ctx.dp_cp_size > 1:
         dist.all_reduce(total, group=ctx.dp_cp_group)
     N, MG = int(total.item()), len(counts) * ctx.dp_cp_size
-    return [n * MG / N if N else 0.0 for n in counts]
+    return [n * MG / N if N else 0.0 for n in counts], N
+
+
+def dp_cp_mean(value: torch.Tensor, ctx) -> float:
+    """The mean of a scalar over the DP x CP ranks (each holds the losses of its own tokens)."""
+    value = value.detach().float().clone()
+    if ctx.dp_cp_size > 1:
+        dist.all_reduce(value, group=ctx.dp_cp_group)
+    return value.item() / ctx.dp_cp_size
 
 
 def forward_backward(forward, opt, batches: list, ctx, autocast) -> torch.Tensor:
@@ -45,7 +54,7 @@ def forward_backward(forward, opt, batches: list, ctx, autocast) -> torch.Tensor
     loss is its mean over the DP x CP ranks, divided by M)."""
     accum = len(batches)
     loss_sum = torch.zeros((), device=ctx.device)
-    weights = token_weights([count_targets(b.targets) for b in batches], ctx)  # counted before the forward
+    weights, _ = token_weights([count_targets(b.targets) for b in batches], ctx)  # counted before the forward
     for micro, (batch, weight) in enumerate(zip(batches, weights)):
         b = batch.to(ctx.device)
         sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
@@ -54,3 +63,16 @@ def forward_backward(forward, opt, batches: list, ctx, autocast) -> torch.Tensor
             (loss * weight / accum).backward()
         loss_sum += loss.detach() * weight
     return loss_sum
+
+
+@torch.no_grad()
+def mean_loss(model, batches: list, ctx, autocast) -> tuple[float, int]:
+    """(the mean loss over the counted targets of this rank's `batches` and those of every other DP x CP rank,
+    how many targets that is): evaluation, weighted as a training step is."""
+    total = torch.zeros((), device=ctx.device)
+    weights, count = token_weights([count_targets(b.targets) for b in batches], ctx)
+    for batch, weight in zip(batches, weights):
+        b = batch.to(ctx.device)
+        with autocast:
+            total += model(b.tokens, b.targets, **b.metadata()) * weight
+    return dp_cp_mean(total / len(batches), ctx), count

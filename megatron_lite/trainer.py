@@ -32,7 +32,7 @@ from .model import GPT
 from .optim import build_optimizer, lr_at
 from .parallel import ParallelContext, init_parallel
 from .resilience import RunGuard
-from .token_loss import count_targets, forward_backward, token_weights
+from .token_loss import dp_cp_mean, forward_backward, mean_loss
 
 
 class DivergenceError(RuntimeError):
@@ -106,7 +106,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
                                                        ctx.dp_rank, ctx.dp_size)) for micro in range(accum)]
         loss_sum = forward_backward(forward, opt, batches, ctx, autocast)
         norm = opt.prepare_grads()  # finalize: DP reduction done, SP-replicated grads summed over TP; global norm
-        loss_avg, norm_value = _dp_mean(loss_sum / accum, ctx), norm.item()
+        loss_avg, norm_value = dp_cp_mean(loss_sum / accum, ctx), norm.item()
         if not (math.isfinite(loss_avg) and math.isfinite(norm_value)):  # before the update spoils the weights
             what = f"loss is {loss_avg}" if not math.isfinite(loss_avg) else f"grad norm is {norm_value}"
             log.info(f"error: {what} at step {state.step + 1}")
@@ -148,16 +148,12 @@ def _evaluate(model: GPT, data, cfg: Config, ctx: ParallelContext, autocast) -> 
     split over DP like a training step, so that the value does not depend on the layout."""
     model.eval()
     accum = grad_accum_steps(cfg, ctx.world_size)
-    total = torch.zeros((), device=ctx.device)
     batches = [data.sample(dp_sample_indices(it * cfg.train.global_batch_size, micro, cfg.train.micro_batch_size,
                                              ctx.dp_rank, ctx.dp_size))
                for it in range(cfg.train.eval_iters) for micro in range(accum)]
-    for batch, weight in zip(batches, token_weights([count_targets(b.targets) for b in batches], ctx)):
-        b = batch.to(ctx.device)
-        with autocast:
-            total += model(b.tokens, b.targets, **b.metadata()) * weight
+    loss, _ = mean_loss(model, batches, ctx, autocast)
     model.train()
-    return _dp_mean(total / (cfg.train.eval_iters * accum), ctx)
+    return loss
 
 
 def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger) -> None:
@@ -168,14 +164,6 @@ def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger
     ids = generate(model, tok.frame(tok.encode(s.prompt), last=False), s.max_new_tokens, temperature=s.temperature,
                    top_k=s.top_k, seed=cfg.train.seed, eos_id=tok.eos_id)
     log.info("sample:\n" + tok.decode(ids))
-
-
-def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
-    """The mean over the DP x CP ranks (each holds its own tokens' losses; the DP group when CP = 1)."""
-    value = value.detach().float().clone()
-    if ctx.dp_cp_size > 1:
-        dist.all_reduce(value, group=ctx.dp_cp_group)
-    return value.item() / ctx.dp_cp_size
 
 
 def _autocast(cfg: Config, ctx: ParallelContext):

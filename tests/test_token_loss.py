@@ -21,12 +21,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import run_distributed
+from distributed import broadcast, max_rel_err, run_distributed
 from megatron_lite.data.packing import Batch
 from megatron_lite.model import GPT, GPTConfig
 from megatron_lite.optim import build_optimizer
 from megatron_lite.parallel import build_parallel_context
-from megatron_lite.token_loss import forward_backward
+from megatron_lite.token_loss import dp_cp_mean, forward_backward
 
 WORLD, S, GLOBAL_BATCH, STEPS = 4, 16, 8, 3
 GPT2 = dict(vocab_size=200, seq_len=S, num_layers=2, hidden_size=32, num_heads=4, dropout=0.0, seed=7)
@@ -87,20 +87,8 @@ def train(model, opt, ctx, mb: int, plain: bool = False, old_loop: bool = False)
         norms.append(opt.prepare_grads().item())
         opt.step()
         opt.zero_grad()
-        loss = loss_sum / accum  # the trainer's _dp_mean
-        dist.all_reduce(loss, group=ctx.dp_cp_group)
-        losses.append(loss.item() / ctx.dp_cp_size)
+        losses.append(dp_cp_mean(loss_sum / accum, ctx))
     return losses, norms
-
-
-def max_rel_err(got: dict, want: dict) -> float:
-    return max(((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)).item() for k in want)
-
-
-def broadcast(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---- the world's work ------------------------------------------------------------------------------------
