@@ -1,13 +1,15 @@
 """Chat data the tests (and the README's example) make themselves: Hugging Face tokenizer directories with chat
-templates of the common kinds, and a small corpus of conversations a model can learn.
+templates of the common kinds, a small corpus of conversations a model can learn, and a small random chat model.
 
-    python tests/chat_data.py OUT_DIR [N]    # OUT_DIR/chats.jsonl: N (default 2000) arithmetic conversations
+    python tests/chat_data.py OUT_DIR [--n 2000] [--model MODEL_DIR]
+
+writes OUT_DIR/chats.jsonl (N arithmetic conversations) and, with --model, a random Llama (9 heads, 3 KV heads, as
+SmolLM2-135M; 1M parameters) with a ChatML tokenizer: an HF directory to try the fine-tuning commands on.
 """
 from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
@@ -101,7 +103,29 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     return Path(path)
 
 
+def make_model(directory: str | Path, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM (9 heads on 3 KV heads, 4 layers, hidden 144) with a ChatML tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tokenizers import Tokenizer
+    d = make_tokenizer(directory, CHATML)
+    vocab = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=144, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=16, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=SPECIAL.index("<|im_start|>"),
+                         eos_token_id=SPECIAL.index("<|im_end|>"))
+    LlamaForCausalLM(config).save_pretrained(d)
+    return d
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
-    print(write_jsonl(out / "chats.jsonl", conversations(n)))
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--n", type=int, default=2000, help="conversations")
+    ap.add_argument("--model", type=Path, help="also write a random chat model here")
+    args = ap.parse_args()
+    print(write_jsonl(args.out / "chats.jsonl", conversations(args.n)))
+    if args.model:
+        print(make_model(args.model))
