@@ -285,3 +285,19 @@ def test_text_document_metadata():
     positions, ids = document_metadata(x, eos)
     assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 4, 5, 6]]
     assert ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1, 1, 1]]
+
+
+def test_text_windows_with_document_mask():
+    """make_windows on a text corpus: the sampler's windows, with document metadata only under data.document_mask."""
+    from types import SimpleNamespace
+    from megatron_lite.data.packing import make_windows
+    from megatron_lite.data.sampler import EpochSampler
+    tokens = np.array([5, 6, 0, 7, 8, 9, 0, 4, 3, 0, 2, 1, 0], dtype=np.uint16)  # documents end with EOS = 0
+    corpus = SimpleNamespace(train_tokens=lambda: tokens, flags=lambda split: None, meta={"tokenizer": {"eos_id": 0}})
+    plain = make_windows(DataConfig(sampling="epoch"), corpus, "train", 4, seed=1)
+    masked = make_windows(DataConfig(sampling="epoch", document_mask=True), corpus, "train", 4, seed=1)
+    x, y = EpochSampler(tokens, 4, 1).batch([0, 1, 2])
+    a, b = plain.sample([0, 1, 2]), masked.sample([0, 1, 2])
+    assert a.positions is None and a.document_ids is None and plain.windows == masked.windows == 3
+    assert torch.equal(a.tokens, x) and torch.equal(b.tokens, x) and torch.equal(b.targets, y)
+    assert torch.equal(torch.stack(document_metadata(x, 0)), torch.stack([b.positions, b.document_ids]))
