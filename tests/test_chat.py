@@ -1,4 +1,4 @@
-"""Chat and instruction data (data/chat.py, data/chat_prepare.py, data/packing.py):
+"""Chat and instruction data (data/chat_template.py, chat.py, chat_prepare.py, packing.py):
 
 - conversations render and tokenize exactly as transformers' `apply_chat_template` (ChatML, Llama-3 and
   Mistral-style templates, byte-level and sentencepiece-style tokenizers, a template in chat_template.jinja),
@@ -19,7 +19,8 @@ import torch
 
 from chat_data import CHATML, GENERATION, LLAMA3, MISTRAL, TEXT, TOKENS, conversations, make_tokenizer, write_jsonl
 from megatron_lite.data import DataConfig, DataError, prepare_corpus
-from megatron_lite.data.chat import ChatTemplate, encode_chat, encode_prompt_completion, token_offsets
+from megatron_lite.data.chat import encode_chat, encode_prompt_completion, token_offsets
+from megatron_lite.data.chat_template import ChatTemplate
 from megatron_lite.data.chat_prepare import LOSS, START
 from megatron_lite.data.packing import PackedWindows, best_fit_decreasing, document_metadata
 from megatron_lite.tokenizer import load_tokenizer, train_sentencepiece

@@ -11,7 +11,8 @@
     progress.py  rate, ETA, progress bar
     cache.py     TokenizedCorpus: a complete cache on disk, checked before use
     sampler.py   training windows: random (with replacement) or epochs (a permutation per epoch)
-    chat.py      chat and prompt/completion rows: the model's chat template, tokens, which ones the loss counts
+    chat_template.py  the model's chat template, rendered as transformers renders it; the assistant's spans
+    chat.py      chat and prompt/completion rows as token ids, and which ones the loss counts
     chat_prepare.py  the build of a chat cache: token ids and, beside them, a flags byte per token (loss, start)
     packing.py   windows with per-token metadata: packed conversations, padding, document masks for text
     __main__.py  python -m megatron_lite.data: the preparation command, with train.py's Hydra config

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 import time
@@ -28,7 +27,8 @@ import numpy as np
 from ..tokenizer import load_tokenizer
 from . import readers
 from .cache import BINS, FLAGS
-from .chat import TEMPLATE_FILE, ChatTemplate, check_record, encode_record, find_chat_template, special_tokens
+from .chat import check_record, encode_record
+from .chat_template import TEMPLATE_FILE, ChatTemplate, find_chat_template
 from .config import DataConfig, DataError, token_dtype
 from .corpus import FORMAT_VERSION, file_format
 from .passes import _ordered, worker_pool
@@ -63,7 +63,7 @@ def check_chat(cfg: DataConfig, files: list[Path]) -> str:
     h = hashlib.sha256(cfg.format.encode())
     if cfg.format == "chat":
         template = ChatTemplate.of_tokenizer(cfg.tokenizer)
-        template.compiled  # a syntax error now, not in a worker
+        template.compiled  # compile it: a syntax error now, not in a worker
         h.update(json.dumps([template.source, template.tokens]).encode())
     return h.hexdigest()[:16]
 

@@ -25,7 +25,7 @@ class DataConfig:
     allow_corpus_change: bool = False  # resume a checkpoint trained on another corpus or tokenizer
     cache_dir: str = "data/cache"  # a relative path is relative to the repository root, not the cwd
     max_tokenizer_chars: int = 20_000_000  # cap on the text sampled to train the BPE
-    # chat and instruction data (data/chat.py, data/chat_prepare.py, data/packing.py)
+    # chat and instruction data (data/chat_template.py, chat.py, chat_prepare.py, packing.py)
     format: str = "text"  # text | chat (rows of `messages`) | prompt_completion (rows of `prompt`, `completion`)
     packing: bool = True  # chat formats: whole conversations share a window (attention kept within each); false: pad
     document_mask: bool = False  # text: attention and positions restart at every document (as packed chat data)
