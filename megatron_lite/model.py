@@ -10,8 +10,8 @@ module, picked once in the constructor from GPTConfig:
 The defaults are GPT-2.
 
 Conventions that make Hugging Face conversion a rename, not a permutation (megatron_lite/hf.py):
-- RoPE in HF's `rotate_half` form (pairs i and i + D/2), applied to the whole sequence (positions 0..S-1)
-  after the sequence-parallel all-gather inside the QKV layer.
+- RoPE in HF's `rotate_half` form (pairs i and i + D/2), applied to the whole sequence (positions 0..S-1, or
+  each token's given position) after the sequence-parallel all-gather inside the QKV layer.
 - The fused QKV weight in Megatron's grouped layout: per KV group, its Q = N/G query heads, then its k,
   then its v (`[G, Q + 2, D]` output features). TP splits whole groups, so rank r holds exactly the q, k, v
   of its heads; with G == N it is the head-major `[N, 3, D]` layout of GPT-2.
