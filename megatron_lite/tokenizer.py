@@ -30,6 +30,8 @@ MAX_LINE_CHARS = 4096  # longer lines (data blobs) are left out of tokenizer tra
 SP_THREADS = 2  # stored in the .model file, so it must be a constant for the file to be byte-identical
 SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
 HF_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json", "config.json")
+PROBE = ("def f(x):\n    return x + 1  # añadir ☃ 日本語\nclass A(B):\n\tpass\n\n\nThe quick, brown fox.\n(1, 2)\n"
+         "\"quoted\" 123 4567\n#include <x>\n</s> <n> <|endoftext|>\n  indented\r\nwindows line\r\n}\n")
 # Special tokens of well-known models, tried in order when no config file names them.
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
@@ -44,6 +46,7 @@ class Tokenizer:
     bos_id: int | None
     add_bos: bool  # does a document start with BOS (the model's convention, e.g. Llama's)?
     files: dict[str, Path]  # name in a saved directory -> source file
+    line_cuts: bool  # may a text be encoded in parts cut at line starts before a non-space (same ids)?
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -91,6 +94,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
     add_bos = False
+    line_cuts = True  # lines are encoded independently
 
     def __init__(self, model_path: str | Path):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
@@ -199,6 +203,16 @@ class HFTokenizer(Tokenizer):
         if isinstance(value, int):
             return value
         return next((self.tk.token_to_id(n) for n in names if self.tk.token_to_id(n) is not None), None)
+
+    @cached_property
+    def line_cuts(self) -> bool:
+        """Whether encoding a text in parts cut at line starts before a non-space gives the ids of the whole text,
+        checked on PROBE: true of byte-level BPEs (GPT-2, Llama 3, Qwen, SmolLM: their pre-tokenizers split there),
+        false of those that prepend a "▁" to every text they encode (Llama 2, Mistral), which then get whole runs."""
+        lines = PROBE.splitlines(keepends=True)
+        starts = [0] + [k for k in range(1, len(lines)) if lines[k][:1].strip()]
+        parts = ["".join(lines[a:b]) for a, b in zip(starts, starts[1:] + [len(lines)])]
+        return [i for ids in self.encode_batch(parts) for i in ids] == self.encode(PROBE)
 
     def save(self, directory: str | Path) -> None:
         """Copies of its files; where no tokenizer_config.json named EOS/BOS, one that does, so that the

@@ -3,8 +3,13 @@
 Within a document, each maximal run of consecutive segments on the same side of the split is one document of
 that side's token stream: `tok.encode_document(run)` (BOS if the tokenizer's convention has one, the ids,
 EOS). A run cut by a task boundary (a plain-text file longer than readers.BLOCK) is encoded in parts, with
-BOS only on the first and EOS only on the last; for the sentencepiece tokenizer, whose lines are encoded
-independently, that is exactly the encoding of the whole run.
+BOS only on the first and EOS only on the last.
+
+The tokenizer is given pieces of about a segment (8 KiB), which it is fast on and whose memory is bounded: a
+run is cut between segments where the next one starts a line with a non-space (the tokenizers split there
+anyway: sentencepiece encodes lines independently, and a Hugging Face tokenizer passes `Tokenizer.line_cuts`,
+a check at load that such cuts give the ids of the whole text), and always where a long line was cut
+(split.LINE_MAX: the one documented place where ids can differ from encoding the document whole).
 
 The same functions run in worker processes (spawned: a worker never inherits a parent's threads) or, with one
 worker, in the calling process; they return the same arrays either way.
@@ -18,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from ..tokenizer import MAX_LINE_CHARS, Tokenizer, load_tokenizer
+from .config import DataConfig
 from .readers import Doc, Piece, documents
 from .split import SEGMENT, content_hash, is_val, phase, sample_rank, segments
 
@@ -31,11 +37,16 @@ class Stats:
     segments: int = 0
     val_segments: int = 0
     content: int = 0  # sum of the segments' content hashes, mod 2**128: the corpus fingerprint
+    bad_utf8: dict[str, int] = field(default_factory=dict)  # file -> invalid UTF-8 sequences replaced by U+FFFD
+    skipped: dict[str, str] = field(default_factory=dict)  # file -> why it was left out (data.binary_files=skip)
 
     def add(self, other: "Stats") -> None:
         for k in ("documents", "text_bytes", "segments", "val_segments"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.content = (self.content + other.content) % HASH_MOD
+        for path, n in other.bad_utf8.items():
+            self.bad_utf8[path] = self.bad_utf8.get(path, 0) + n
+        self.skipped.update(other.skipped)
 
 
 @dataclass
@@ -76,16 +87,31 @@ def runs(doc: Doc, fraction: float, stats: Stats) -> Iterator[tuple[bool, list[b
         k = m
 
 
+SPACE = b" \t\r\n\f\v"
+
+
+def chunks(segs: list[bytes], line_cuts: bool) -> list[bytes]:
+    """A run's segments joined into the pieces the tokenizer gets (see the module docstring)."""
+    out, cur = [], [segs[0]]
+    for prev, seg in zip(segs, segs[1:]):
+        if not prev.endswith(b"\n") or (line_cuts and seg[:1] not in SPACE):
+            out.append(b"".join(cur))
+            cur = []
+        cur.append(seg)
+    out.append(b"".join(cur))
+    return out
+
+
 class Worker:
     """Per-process state: the tokenizers loaded so far (by directory), so each is read once per worker."""
 
     def __init__(self):
         self.tokenizers: dict[str, Tokenizer] = {}
 
-    def sample(self, task: list[Piece], text_key: str, fraction: float, cutoff: int) -> Sampled:
+    def sample(self, task: list[Piece], cfg: DataConfig, cutoff: int) -> Sampled:
         out = Sampled([], disk=sum(p.disk for p in task))
-        for doc in (d for piece in task for d in documents(piece, text_key)):
-            for held_out, segs, _, _ in runs(doc, fraction, out.stats):
+        for doc in (d for piece in task for d in documents(piece, cfg, out.stats)):
+            for held_out, segs, _, _ in runs(doc, cfg.val_fraction, out.stats):
                 for seg in segs if not held_out else ():
                     rank = sample_rank(seg)
                     if rank < cutoff:
@@ -94,14 +120,16 @@ class Worker:
                             out.candidates.append((rank, lines))
         return out
 
-    def encode(self, task: list[Piece], text_key: str, fraction: float, tokenizer_dir: str, dtype: str) -> Encoded:
+    def encode(self, task: list[Piece], cfg: DataConfig, tokenizer_dir: str, dtype: str) -> Encoded:
         if tokenizer_dir not in self.tokenizers:
             self.tokenizers[tokenizer_dir] = load_tokenizer(tokenizer_dir)
         tok, stats = self.tokenizers[tokenizer_dir], Stats()
-        parts = [r for piece in task for doc in documents(piece, text_key) for r in runs(doc, fraction, stats)]
-        ids = tok.encode_batch([b"".join(segs).decode("utf-8", "replace") for _, segs, _, _ in parts])
+        parts = [r for piece in task for doc in documents(piece, cfg, stats) for r in runs(doc, cfg.val_fraction, stats)]
+        cut = [chunks(segs, tok.line_cuts) for _, segs, _, _ in parts]
+        ids = iter(tok.encode_batch([p.decode("utf-8", "replace") for ps in cut for p in ps]))
         streams: tuple[list[int], list[int]] = ([], [])
-        for (held_out, _, first, last), run_ids in zip(parts, ids):
+        for (held_out, _, first, last), ps in zip(parts, cut):
+            run_ids = [i for _ in ps for i in next(ids)]
             streams[held_out].extend(tok.frame(run_ids, first=first, last=last))
         train, val = (np.array(s, dtype=dtype) for s in streams)
         return Encoded(train, val, stats, sum(p.disk for p in task))

@@ -38,11 +38,12 @@ from .corpus import FORMAT_VERSION, check_data, corpus_key
 from .encode import Stats
 from .lock import HeldLock, build_once
 from .passes import encode_pass, sample_pass, worker_pool
-from .progress import Progress, human_bytes
-from .split import SEGMENT
+from .progress import Progress, human_bytes, human_time
+from .split import LINE_MAX, SEGMENT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE = "progress.json"
+FILES = "files.json"  # each corpus file's path, size, mtime and sha256: what the cache was made from
 
 
 def available_cores() -> int:
@@ -77,7 +78,8 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
 def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: Path | None, held: HeldLock,
            log: Callable[[str], None], bar: bool) -> None:
     t0 = time.time()
-    total = sum(f.stat().st_size for f in files)
+    stamps = {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in files}
+    total = sum(size for size, _ in stamps.values())
     workers = min(cfg.workers or available_cores(), max(1, -(-total // readers.BLOCK)))  # not more than tasks
     state = _start(work, previous, log)
     with worker_pool(workers) as pool:
@@ -91,14 +93,23 @@ def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: P
                 held.status.clear()
                 held.status["stage"] = f"training the tokenizer (vocab {cfg.vocab_size}) on {human_bytes(size)}"
                 log(f"data: {held.status['stage']} ...")
+                t1 = time.time()
                 (work / "tokenizer.model").write_bytes(train_sentencepiece(lines, cfg.vocab_size))
+                log(f"data: {held.status['stage']}: done in {human_time(time.time() - t1)}")
                 del lines
             state["tokenizer"] = True
             _save_state(work, state)
         tok = load_tokenizer(work)
         dtype = token_dtype(cfg, tok.vocab_size)
+        sources: dict[str, str] = {}
         digests = encode_pass(files, cfg, work, state, dtype.name, pool, 2 * workers, held,
-                              Progress("tokenizing", total, log, held.status, bar=bar), lambda: _save_state(work, state))
+                              Progress("tokenizing", total, log, held.status, bar=bar), lambda: _save_state(work, state),
+                              sources)
+    for f, (size, mtime) in stamps.items():
+        if (f.stat().st_size, f.stat().st_mtime_ns) != (size, mtime):
+            raise DataError(f"corpus file {f} changed while it was being prepared: prepare again once it is final")
+    (work / FILES).write_text(json.dumps([dict(path=str(f), size=size, mtime_ns=mtime, sha256=sources[str(f)])
+                                          for f, (size, mtime) in stamps.items()]))
     stats = Stats(**state["stats"])
     if stats.documents == 0:
         raise DataError(f"the corpus ({len(files)} files{', e.g. ' + str(files[0]) if files else ''}) holds no text: "
@@ -107,6 +118,8 @@ def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: P
         format=FORMAT_VERSION, key=key, name=cfg.name, paths=list(cfg.paths), files=len(files), text_key=cfg.text_key,
         val_fraction=cfg.val_fraction, documents=stats.documents, text_bytes=stats.text_bytes,
         segments=stats.segments, val_segments=stats.val_segments, corpus=_corpus_id(stats, cfg),
+        bad_utf8=dict(replaced=sum(stats.bad_utf8.values()), files=stats.bad_utf8),
+        skipped=stats.skipped,
         train_tokens=state["train.bin"] // dtype.itemsize, val_tokens=state["val.bin"] // dtype.itemsize,
         dtype=dtype.name, sha256=digests,
         tokenizer=dict(kind=tok.kind, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
@@ -137,7 +150,7 @@ def _start(work: Path, previous: Path | None, log) -> dict:
     for name in BINS:
         (work / name).touch()
     fresh = {"tokenizer": False, "tasks": 0, "train.bin": 0, "val.bin": 0, "stats": asdict(Stats()),
-             "cuts": [readers.BLOCK, SEGMENT]}  # what a task is: resume only a build cut the same way
+             "cuts": [readers.BLOCK, SEGMENT, LINE_MAX]}  # what a task is: resume only a build cut the same way
     try:
         state = json.loads((previous / STATE).read_text()) if previous else None
     except (OSError, ValueError):
