@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -46,7 +47,7 @@ class Tokenizer:
     bos_id: int | None
     add_bos: bool  # does a document start with BOS (the model's convention, e.g. Llama's)?
     files: dict[str, Path]  # name in a saved directory -> source file
-    line_cuts: bool  # may a text be encoded in parts cut at line starts before a non-space (same ids)?
+    line_cuts: str  # where a text may be cut into parts encoded apart with the same ids: lines | words | none
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -94,7 +95,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
     add_bos = False
-    line_cuts = True  # lines are encoded independently
+    line_cuts = "lines"  # at any line start: lines are encoded independently
 
     def __init__(self, model_path: str | Path):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
@@ -205,14 +206,12 @@ class HFTokenizer(Tokenizer):
         return next((self.tk.token_to_id(n) for n in names if self.tk.token_to_id(n) is not None), None)
 
     @cached_property
-    def line_cuts(self) -> bool:
-        """Whether encoding a text in parts cut at line starts before a non-space gives the ids of the whole text,
-        checked on PROBE: true of byte-level BPEs (GPT-2, Llama 3, Qwen, SmolLM: their pre-tokenizers split there),
-        false of those that prepend a "▁" to every text they encode (Llama 2, Mistral), which then get whole runs."""
-        lines = PROBE.splitlines(keepends=True)
-        starts = [0] + [k for k in range(1, len(lines)) if lines[k][:1].strip()]
-        parts = ["".join(lines[a:b]) for a, b in zip(starts, starts[1:] + [len(lines)])]
-        return [i for ids in self.encode_batch(parts) for i in ids] == self.encode(PROBE)
+    def line_cuts(self) -> str:
+        """"words" when encoding a text in parts cut before the first word of a line (`word_cuts`) gives the ids
+        of the whole text, checked on PROBE: true of byte-level BPEs (GPT-2, Llama 3, Qwen, SmolLM: their
+        pre-tokenizers split there); "none" for those that prepend "▁" to every text (Llama 2, Mistral)."""
+        parts = [p.decode() for p in word_cuts(PROBE.encode(), 1)]
+        return "words" if [i for ids in self.encode_batch(parts) for i in ids] == self.encode(PROBE) else "none"
 
     def save(self, directory: str | Path) -> None:
         """Copies of its files; where no tokenizer_config.json named EOS/BOS, one that does, so that the
@@ -237,6 +236,21 @@ class HFTokenizer(Tokenizer):
 
     def describe(self) -> str:
         return f"Hugging Face {type(self.tk.model).__name__} tokenizer, {self.vocab_size} tokens"
+
+
+_LINE_WORD = re.compile(rb"\n([ \t]*)[^\s]")
+
+
+def word_cuts(data: bytes, every: int) -> list[bytes]:
+    """`data` cut at the first place after every `every` bytes where a line's first word begins: before the
+    word, or before the last space or tab of the indentation that leads it (which pre-tokenizers attach to it)."""
+    out, start = [], 0
+    while start + every < len(data) and (m := _LINE_WORD.search(data, start + every)):
+        cut = m.start(1) + max(len(m.group(1)) - 1, 0)
+        out.append(data[start:cut])
+        start = cut
+    out.append(data[start:])
+    return out
 
 
 def tokenizer_files(path: str | Path) -> tuple[str, Path]:

@@ -96,9 +96,24 @@ class TokenizedCorpus:
                 raise DataError(f"data cache {self.path}: {name} does not match its checksum in meta.json: the "
                                 f"file was changed after preparation; delete {self.path} to prepare it again")
 
+    def changes(self) -> str | None:
+        """What the preparation left out or replaced (data.binary_files=skip, data.bad_utf8=replace), or None."""
+        m, out = self.meta, []
+        if m["skipped"]:
+            path, why = next(iter(m["skipped"].items()))
+            n = len(m["skipped"])
+            out.append(f"{n} file{'s' if n != 1 else ''} skipped (e.g. {path}: {why})")
+        if m["bad_utf8"]["replaced"]:
+            files = m["bad_utf8"]["files"]
+            worst = max(files, key=files.get)
+            out.append(f"{m['bad_utf8']['replaced']:,} invalid UTF-8 sequences replaced by U+FFFD in {len(files)} "
+                       f"file{'s' if len(files) != 1 else ''} (most: {files[worst]:,} in {worst})")
+        return "; ".join(out) or None
+
     def summary(self) -> str:
         m, t = self.meta, self.meta["tokenizer"]
         train, val = m["train_tokens"], m["val_tokens"]
+        changes = self.changes()
         return "\n".join([
             f"data cache: {self.path}",
             f"  corpus:    {self.identity()['corpus_desc']}: {m['documents']:,} documents, {m['text_bytes'] / 1e6:,.1f} MB "
@@ -106,6 +121,7 @@ class TokenizedCorpus:
             f"  tokenizer: {t['describe']} (fingerprint {t['fingerprint']})",
             f"  tokens:    {train:,} train + {val:,} validation ({100 * val / max(train + val, 1):.1f}%), {m['dtype']}; "
             f"{m['text_bytes'] / max(train + val, 1):.2f} bytes of text per token",
+            *([f"  changes:   {changes} (meta.json has them all)"] if changes else []),
             f"  prepared in {m['seconds']:.1f} s with {m['workers']} worker{'s' if m['workers'] != 1 else ''}"])
 
 

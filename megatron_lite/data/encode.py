@@ -5,11 +5,11 @@ that side's token stream: `tok.encode_document(run)` (BOS if the tokenizer's con
 EOS). A run cut by a task boundary (a plain-text file longer than readers.BLOCK) is encoded in parts, with
 BOS only on the first and EOS only on the last.
 
-The tokenizer is given pieces of about a segment (8 KiB), which it is fast on and whose memory is bounded: a
-run is cut between segments where the next one starts a line with a non-space (the tokenizers split there
-anyway: sentencepiece encodes lines independently, and a Hugging Face tokenizer passes `Tokenizer.line_cuts`,
-a check at load that such cuts give the ids of the whole text), and always where a long line was cut
-(split.LINE_MAX: the one documented place where ids can differ from encoding the document whole).
+The tokenizer is given pieces of about CHUNK bytes, which it is fast on and whose memory is bounded, cut where
+its ids do not change: between segments for sentencepiece (it encodes lines independently), before a line's
+first word for a Hugging Face tokenizer whose pre-tokenizer splits there (`Tokenizer.line_cuts`, checked when
+it is loaded; others get whole runs), and always where a long line was cut (split.LINE_MAX: the one documented
+place where ids can differ from encoding the document whole).
 
 The same functions run in worker processes (spawned: a worker never inherits a parent's threads) or, with one
 worker, in the calling process; they return the same arrays either way.
@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..tokenizer import MAX_LINE_CHARS, Tokenizer, load_tokenizer
+from ..tokenizer import MAX_LINE_CHARS, Tokenizer, load_tokenizer, word_cuts
 from .config import DataConfig
 from .readers import Doc, Piece, documents
 from .split import SEGMENT, content_hash, is_val, phase, sample_rank, segments
@@ -87,19 +87,23 @@ def runs(doc: Doc, fraction: float, stats: Stats) -> Iterator[tuple[bool, list[b
         k = m
 
 
-SPACE = b" \t\r\n\f\v"
+CHUNK = 8192  # bytes: about what the tokenizer is given at a time
 
 
-def chunks(segs: list[bytes], line_cuts: bool) -> list[bytes]:
-    """A run's segments joined into the pieces the tokenizer gets (see the module docstring)."""
-    out, cur = [], [segs[0]]
-    for prev, seg in zip(segs, segs[1:]):
-        if not prev.endswith(b"\n") or (line_cuts and seg[:1] not in SPACE):
-            out.append(b"".join(cur))
-            cur = []
+def chunks(segs: list[bytes], line_cuts: str) -> list[bytes]:
+    """A run's segments as the pieces the tokenizer gets (see the module docstring): cut wherever a long line
+    was, and at line starts ("lines": the segments themselves) or before a line's first word ("words")."""
+    if line_cuts == "lines":
+        return segs
+    blocks, cur = [], []
+    for seg in segs:
         cur.append(seg)
-    out.append(b"".join(cur))
-    return out
+        if not seg.endswith(b"\n"):  # a long line's cut (or the run's end)
+            blocks.append(b"".join(cur))
+            cur = []
+    if cur:
+        blocks.append(b"".join(cur))
+    return [c for b in blocks for c in (word_cuts(b, CHUNK) if line_cuts == "words" else [b])]
 
 
 class Worker:

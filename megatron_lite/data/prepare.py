@@ -72,6 +72,8 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
             f"val tokens in {m['seconds']:.1f} s")
     else:
         log(f"data: using cached tokens in {out}")
+    if corpus.changes():
+        log(f"data: left out or changed by the preparation: {corpus.changes()}")
     return corpus
 
 

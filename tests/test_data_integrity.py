@@ -1,0 +1,231 @@
+"""Data that is never silently wrong (issue 18): binary files, invalid UTF-8, paths without data=text, damaged
+and stale caches, the EOS/BOS choice, long lines, the tokenizer's pieces, leftovers of killed builds, the data
+command's own behaviour; and small corpora that still get a validation window (issue 17).
+
+Every corpus is made here, small; builds use a sentencepiece BPE trained once per module (or a byte-level BPE
+in Hugging Face's format), with readers.BLOCK = 64 KiB where a corpus must span several tasks.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli import ROOT, env
+from megatron_lite.data import DataConfig, DataError, check_data, prepare_corpus, readers
+from megatron_lite.data.split import LINE_MAX, SEGMENT
+from megatron_lite.tokenizer import load_tokenizer, train_sentencepiece
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CODE = [(STDLIB / n).read_text() for n in ("textwrap.py", "json/decoder.py", "string.py", "bisect.py", "functools.py")]
+PNG = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\x01\0" + bytes(range(256)) * 64  # a binary header, then anything
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    path.write_bytes(train_sentencepiece([ln for d in CODE for ln in d.split("\n") if ln], 512))
+    return str(path)
+
+
+def cfg_for(paths, cache, **kw) -> DataConfig:
+    return DataConfig(name="text", paths=[str(p) for p in paths], cache_dir=str(cache), workers=1, **kw)
+
+
+def build(cfg: DataConfig):
+    logs = []
+    corpus = prepare_corpus(cfg, log=logs.append)
+    return corpus, "\n".join(logs)
+
+
+def stream(corpus) -> tuple[bytes, bytes]:
+    return corpus.train_path.read_bytes(), corpus.val_path.read_bytes()
+
+
+# ---------------------------------------------------------------- 1. binary files
+
+
+def test_a_binary_file_is_refused_naming_it_or_skipped_and_counted(tmp_path, sp_model):
+    (tmp_path / "code.py").write_text(CODE[0])
+    (tmp_path / "image.txt").write_bytes(PNG)
+    with pytest.raises(DataError, match=r"corpus file .*image.txt looks binary \(a NUL byte at offset 8\).*"
+                                        r"data.binary_files=skip"):
+        build(cfg_for([tmp_path / "*"], tmp_path / "c", tokenizer=sp_model))
+    skipped, log = build(cfg_for([tmp_path / "*"], tmp_path / "c", tokenizer=sp_model, binary_files="skip"))
+    assert skipped.meta["skipped"] == {str(tmp_path / "image.txt"): "binary (a NUL byte at offset 8)"}
+    assert "1 file skipped (e.g." in log and "1 file skipped" in skipped.summary()
+    alone = build(cfg_for([tmp_path / "code.py"], tmp_path / "c", tokenizer=sp_model))[0]
+    assert stream(skipped) == stream(alone)  # nothing of the image reached the tokens
+
+
+# ---------------------------------------------------------------- 2. invalid UTF-8
+
+
+def _latin1_corpus(root: Path, fmt: str, text: bytes) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if fmt == "txt":
+        (root / "doc.txt").write_bytes(text)
+        return root / "doc.txt"
+    line = b'{"text": "' + text.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\n", b"\\n") + b'"}\n'
+    (root / "doc.jsonl").write_bytes(b'{"text": "first"}\n' + line)
+    return root / "doc.jsonl"
+
+
+@pytest.mark.parametrize("fmt, where", [("txt", "doc.txt:3"), ("jsonl", "doc.jsonl:2")])
+def test_invalid_utf8_is_an_error_in_text_and_jsonl_alike_or_replaced_and_counted(tmp_path, sp_model, fmt, where):
+    utf8 = CODE[1].encode()
+    one_bad = utf8.replace(b"\n", b"\n\xe9", 1)  # one Latin-1 byte in 30 kB of UTF-8 (line 2 starts with it)
+    one_bad = b"line one\n" + one_bad
+    path = _latin1_corpus(tmp_path / "one", fmt, one_bad)
+    with pytest.raises(DataError, match=rf"{where}: invalid UTF-8 \(byte 0xe9 at offset .*data.bad_utf8=replace"):
+        build(cfg_for([path], tmp_path / "c", tokenizer=sp_model))
+    corpus, log = build(cfg_for([path], tmp_path / "c", tokenizer=sp_model, bad_utf8="replace"))
+    assert corpus.meta["bad_utf8"] == {"replaced": 1, "files": {str(path): 1}}
+    assert "1 invalid UTF-8 sequences replaced by U+FFFD in 1 file" in log
+    tok = corpus.tokenizer()
+    text = tok.decode(np.concatenate([corpus.train_tokens(), corpus.val_tokens()]))
+    assert "\ufffd" in text and "\xe9" not in text
+    latin1 = _latin1_corpus(tmp_path / "latin1", fmt, "café crème à la française\n".encode("latin-1") * 50)
+    with pytest.raises(DataError, match=r"invalid UTF-8 sequences in .* bytes \(over 0.1%, even for "
+                                        r"data.bad_utf8=replace\): the file is not UTF-8"):
+        build(cfg_for([latin1], tmp_path / "c", tokenizer=sp_model, bad_utf8="replace"))
+
+
+# ---------------------------------------------------------------- 3. data.paths without data=text
+
+
+def test_paths_select_the_text_corpus(tmp_path, sp_model):
+    (tmp_path / "mine.txt").write_text(CODE[2])
+    cfg = DataConfig(paths=[str(tmp_path / "mine.txt")], tokenizer=sp_model, cache_dir=str(tmp_path / "c"), workers=1)
+    assert cfg.name == "pystdlib"  # the default, as `train.py data.paths=[...]` leaves it
+    corpus = build(cfg)[0]
+    assert corpus.meta["name"] == "text" and corpus.meta["files"] == 1
+    assert Counter("".join(map(corpus.tokenizer().decode, (corpus.train_tokens(), corpus.val_tokens())))) == \
+        Counter(CODE[2])
+
+
+# ---------------------------------------------------------------- 7. long lines, 8. the tokenizer's pieces
+
+
+def test_long_lines_are_cut_at_spaces_and_lose_no_byte(tmp_path, sp_model, monkeypatch):
+    """A 1 MB single line across 64 KiB tasks: every byte back in order, every piece the tokenizer saw bounded."""
+    monkeypatch.setattr(readers, "BLOCK", 64 << 10)
+    rng = np.random.default_rng(0)
+    words = ["alpha", "béta", "gamma", "δelta", "日本語", "x" * 30]
+    line = " ".join(words[i] for i in rng.integers(0, len(words), 120_000)) + "\nshort line\n"
+    (tmp_path / "one_line.txt").write_text(line)
+    from megatron_lite.tokenizer import SentencePieceTokenizer
+    seen = []
+    real = SentencePieceTokenizer.encode_batch
+    monkeypatch.setattr(SentencePieceTokenizer, "encode_batch", lambda self, texts: (
+        seen.extend(len(t.encode()) for t in texts), real(self, texts))[1])
+    corpus = build(cfg_for([tmp_path / "one_line.txt"], tmp_path / "c", tokenizer=sp_model, val_fraction=0.1))[0]
+    assert max(seen) <= SEGMENT + LINE_MAX + 1 and len(seen) > 50
+    tok, m = corpus.tokenizer(), corpus.meta
+    assert 0.05 < m["val_tokens"] / (m["train_tokens"] + m["val_tokens"]) < 0.15  # not all or nothing
+    texts = [tok.decode(s) for s in (corpus.train_tokens(), corpus.val_tokens())]  # EOS decodes to nothing
+    assert Counter(texts[0] + texts[1]) == Counter(line)  # every character back
+
+
+# Peak RSS in KiB (VmHWM) of a preparation in one process (data.workers=1: reading and tokenizing together).
+MEASURE = """
+import sys
+from megatron_lite.data import DataConfig, prepare_corpus
+prepare_corpus(DataConfig(name="text", paths=[sys.argv[1]], tokenizer=sys.argv[2], workers=1, cache_dir=sys.argv[3]),
+               log=lambda _: None)
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+
+
+def test_a_5_mb_single_line_needs_no_more_memory_than_ordinary_text(tmp_path, sp_model):
+    ordinary = "".join(CODE)
+    ordinary = ordinary * (5 * 10**6 // len(ordinary))
+    single = ordinary.replace("\n", " ")
+    peaks = {}
+    for name, text in (("ordinary", ordinary), ("single line", single)):
+        path = tmp_path / f"{name.replace(' ', '_')}.txt"
+        path.write_text(text)
+        out = subprocess.run([sys.executable, "-c", MEASURE, str(path), sp_model, str(tmp_path / "c")], cwd=ROOT,
+                             env=env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        peaks[name] = int(out.stdout) // 1024
+    print(f"\npeak RSS (MiB): {peaks}")  # before: the whole line in sentencepiece at once, ~50 bytes per byte
+    assert peaks["single line"] < peaks["ordinary"] + 20, peaks
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """A byte-level BPE (GPT-2 style) and one that prepends "▁" to every text it encodes (Llama 2 style)."""
+    from test_tokenizer import TEXTS, hf_bpe
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    root = tmp_path_factory.mktemp("hf")
+    gpt2 = hf_bpe(root / "gpt2" / "tokenizer.json", ["<|endoftext|>"])
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      show_progress=False))
+    (root / "llama2").mkdir()
+    tk.save(str(root / "llama2" / "tokenizer.json"))
+    return {"gpt2": gpt2, "llama2": root / "llama2" / "tokenizer.json"}
+
+
+@pytest.mark.parametrize("which, cuts", [("gpt2", "words"), ("llama2", "none")])
+def test_hf_tokenizer_gets_small_pieces_with_the_ids_of_whole_runs(tmp_path, hf_dirs, monkeypatch, which, cuts):
+    """Cut at line starts before a non-space where the tokenizer gives the same ids there (checked at load); the
+    token files equal those of encoding each run whole."""
+    from megatron_lite.tokenizer import HFTokenizer
+    for i, text in enumerate(CODE):
+        (tmp_path / f"f{i}.py").write_text(text)
+    seen = []
+    real = HFTokenizer.encode_batch
+    monkeypatch.setattr(HFTokenizer, "encode_batch", lambda self, texts: (seen.extend(map(len, texts)),
+                                                                          real(self, texts))[1])
+    cfg = cfg_for([tmp_path / "*.py"], tmp_path / "c", tokenizer=str(hf_dirs[which]))
+    corpus = build(cfg)[0]
+    assert load_tokenizer(hf_dirs[which]).line_cuts == cuts
+    assert (max(seen) < 2 * SEGMENT) is (cuts == "words"), max(seen)
+    monkeypatch.setattr(HFTokenizer, "line_cuts", "none")  # the reference: every run whole
+    whole = build(cfg_for([tmp_path / "*.py"], tmp_path / "whole", tokenizer=str(hf_dirs[which])))[0]
+    assert stream(corpus) == stream(whole)
+
+
+# ---------------------------------------------------------------- 10. messages
+
+
+def test_unreadable_kinds_of_path_name_the_file_and_the_fix(tmp_path, sp_model):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.txt").write_text("a\n")
+    with pytest.raises(DataError, match=r"data.paths entry '.*dir' is a directory: use '.*dir/\*\*'"):
+        check_data(cfg_for([tmp_path / "dir"], tmp_path / "c"))
+    (tmp_path / "corpus.txt.xz").write_bytes(b"\xfd7zXZ\0\0")
+    with pytest.raises(DataError, match=r"corpus file .*corpus.txt.xz is a .xz file.*\(xz -d\)"):
+        check_data(cfg_for([tmp_path / "corpus.txt.xz"], tmp_path / "c"))
+    (tmp_path / "array.json").write_text('[{"text": "a"}]')
+    with pytest.raises(DataError, match=r"corpus file .*array.json is a JSON array: megatron-lite reads JSON Lines"):
+        build(cfg_for([tmp_path / "array.json"], tmp_path / "c", tokenizer=sp_model))
+    (tmp_path / "lines.json").write_text('{"text": "%s"}' % CODE[3].replace("\\", "\\\\").replace('"', '\\"')
+                                         .replace("\n", "\\n"))
+    (tmp_path / "same.jsonl").write_text((tmp_path / "lines.json").read_text())
+    as_json = build(cfg_for([tmp_path / "lines.json"], tmp_path / "c", tokenizer=sp_model))[0]
+    assert stream(as_json) == stream(build(cfg_for([tmp_path / "same.jsonl"], tmp_path / "c", tokenizer=sp_model))[0])
+
+
+def test_a_dictionary_encoded_parquet_column_is_read(tmp_path, sp_model):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    docs = CODE[:3] * 2
+    pq.write_table(pa.table({"text": pa.array(docs).dictionary_encode()}), tmp_path / "d.parquet")
+    pq.write_table(pa.table({"text": docs}), tmp_path / "plain.parquet")
+    got = build(cfg_for([tmp_path / "d.parquet"], tmp_path / "c", tokenizer=sp_model))[0]
+    assert stream(got) == stream(build(cfg_for([tmp_path / "plain.parquet"], tmp_path / "c", tokenizer=sp_model))[0])
+
+
+def test_tokenizer_training_prints_its_end_and_duration(tmp_path):
+    (tmp_path / "a.py").write_text("".join(CODE))
+    log = build(cfg_for([tmp_path / "a.py"], tmp_path / "c", vocab_size=512))[1]
+    assert "training the tokenizer (vocab 512) on" in log and ": done in " in log.split("training the tokenizer")[-1]
