@@ -7,9 +7,15 @@ in Hugging Face's format), with readers.BLOCK = 64 KiB where a corpus must span 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -107,6 +113,94 @@ def test_paths_select_the_text_corpus(tmp_path, sp_model):
     assert corpus.meta["name"] == "text" and corpus.meta["files"] == 1
     assert Counter("".join(map(corpus.tokenizer().decode, (corpus.train_tokens(), corpus.val_tokens())))) == \
         Counter(CODE[2])
+
+
+# ---------------------------------------------------------------- 4. damaged caches, 5. stale caches
+
+
+@pytest.fixture
+def new_job(monkeypatch):
+    """Each prepare_corpus call as if from a process started just now (a new job): a verification done before it
+    does not count for it. (Verification is once per job: a process takes any done since it started.)"""
+    from megatron_lite.data import verify
+    monkeypatch.setattr(verify, "process_start", time.time)
+
+
+def _flip(path: Path, at: int, to: int | None = None) -> None:
+    """Change the byte at `at` (to `to`, else all its bits), keeping the file's size and modification time."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[at] = data[at] ^ 0xFF if to is None else to
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_same_size_byte_flip_in_a_cache_is_found_and_the_cache_rebuilt(tmp_path, sp_model, new_job):
+    (tmp_path / "a.py").write_text(CODE[0])
+    cfg = cfg_for([tmp_path / "a.py"], tmp_path / "c", tokenizer=sp_model)
+    corpus, log = build(cfg)
+    assert "verified" not in log  # its builder computed the checksums
+    good = stream(corpus)
+    again, log = build(cfg)
+    assert re.search(r"data: verified [\d.]+ kB of tokens of .* in [\d.]+ s \(once per job.*\): sound", log), log
+    assert stream(again) == good
+    _flip(corpus.train_path, 100)
+    rebuilt, log = build(cfg)
+    assert "train.bin does not match its sha256 in meta.json" in log and "set aside and prepared again" in log
+    assert stream(rebuilt) == good and len(list((tmp_path / "c").glob("*.damaged.*"))) == 1
+
+
+def test_one_process_verifies_and_the_others_take_its_result_or_its_error(tmp_path, sp_model, monkeypatch):
+    from megatron_lite.data import lock, verify
+    monkeypatch.setattr(lock, "POLL_S", 0.05)
+    (tmp_path / "a.py").write_text(CODE[0])
+    cfg = cfg_for([tmp_path / "a.py"], tmp_path / "c", tokenizer=sp_model)
+    build(cfg)
+    start = time.time()
+    monkeypatch.setattr(verify, "process_start", lambda: start)  # one job, started after the build
+    slow = verify.check
+    monkeypatch.setattr(verify, "check", lambda *a: (time.sleep(0.5), slow(*a))[1])
+    logs = {}
+    threads = [threading.Thread(target=lambda n=n: logs.__setitem__(n, build(cfg)[1])) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted("verified" in log and ": sound" in log for log in logs.values()) == [False, True], logs
+    assert any("was verified by" in log for log in logs.values())
+    monkeypatch.setattr(verify, "process_start", time.time)  # a new job; its verifier fails
+    monkeypatch.setattr(verify, "check", lambda *a: (time.sleep(0.5), 1 / 0))
+    errors = []
+
+    def run():
+        try:
+            build(cfg)
+        except (DataError, ZeroDivisionError) as e:
+            errors.append(str(e))
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and len(errors) == 2  # nobody waits forever
+    assert any("the verification of" in e and "ZeroDivisionError" in e for e in errors), errors
+
+
+def test_a_same_size_edit_with_the_mtime_restored_is_found_by_verify_corpus(tmp_path, sp_model, new_job):
+    path = tmp_path / "a.py"
+    path.write_text(CODE[0])
+    cfg = cfg_for([path], tmp_path / "c", tokenizer=sp_model)
+    old = build(cfg)[0]
+    records = json.loads((old.path / "files.json").read_text())
+    assert records == [dict(path=str(path), size=path.stat().st_size, mtime_ns=path.stat().st_mtime_ns,
+                            sha256=hashlib.sha256(path.read_bytes()).hexdigest())]
+    _flip(path, 10, ord("X"))  # same size, same mtime: the cache key cannot tell
+    assert build(cfg)[0].path == old.path and "stale" not in build(cfg)[1]  # the cheap key: the trade-off
+    cfg.verify_corpus = True
+    new, log = build(cfg)
+    assert f"stale: corpus file {path} changed since the cache was prepared" in log, log
+    text = "".join(map(new.tokenizer().decode, (new.train_tokens(), new.val_tokens())))
+    assert Counter(text) == Counter(path.read_text())
 
 
 # ---------------------------------------------------------------- 7. long lines, 8. the tokenizer's pieces

@@ -21,8 +21,7 @@ from megatron_lite.data import DataError, prepare_corpus
 def main(dict_cfg: DictConfig) -> None:
     try:
         cfg: Config = OmegaConf.to_object(dict_cfg)
-        corpus = prepare_corpus(cfg.data, progress_bar=sys.stderr.isatty())
-        corpus.verify_checksums()
+        corpus = prepare_corpus(cfg.data, progress_bar=sys.stderr.isatty())  # verified (or built) by this process
     except MissingMandatoryValue as e:
         _fail(f"{e.full_key} is required: set it on the command line ({e.full_key}=...)")
     except DataError as e:

@@ -39,11 +39,11 @@ from .encode import Stats
 from .lock import HeldLock, build_once
 from .passes import encode_pass, sample_pass, worker_pool
 from .progress import Progress, human_bytes, human_time
+from .verify import FILES, stamp, verify_once
 from .split import LINE_MAX, SEGMENT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE = "progress.json"
-FILES = "files.json"  # each corpus file's path, size, mtime and sha256: what the cache was made from
 
 
 def available_cores() -> int:
@@ -63,8 +63,14 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
                            "script's top-level code under `if __name__ == '__main__':`")
     files = check_data(cfg)
     out = cache_root(cfg) / corpus_key(files, cfg)
-    built = build_once(out, lambda work, previous, held: _build(files, cfg, out.name, work, previous, held, log,
-                                                                  progress_bar), problem, log)
+    for attempt in range(3):  # a cache found damaged is prepared again, and that one verified in turn
+        built = build_once(out, lambda work, previous, held: _build(files, cfg, out.name, work, previous, held, log,
+                                                                      progress_bar), problem, log)
+        if built or (wrong := verify_once(out, cfg, log)) is None:
+            break
+        log(f"data: cache {out} is damaged ({wrong}): it is set aside and prepared again")
+    else:
+        raise DataError(f"data cache {out} was found damaged after each of 3 preparations ({wrong}): check the disk")
     corpus = TokenizedCorpus.open(out)
     if built:
         m = corpus.meta
@@ -130,6 +136,7 @@ def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: P
                        files={name: (work / name).stat().st_size for name in tok.files}),
         seconds=time.time() - t0, workers=workers, host=socket.gethostname())
     (work / "meta.json").write_text(json.dumps(meta, indent=1))
+    stamp(work, corpus=True, seconds=0.0)  # the checksums were computed from the corpus just now
     (work / STATE).unlink()
     (work / "DONE").touch()
 
