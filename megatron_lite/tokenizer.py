@@ -137,20 +137,24 @@ class SentencePieceTokenizer(Tokenizer):
         return "\n".join(self.sp.decode(line) for line in lines)
 
     def describe(self) -> str:
-        return f"sentencepiece BPE, {self.vocab_size} pieces"
+        return (f"sentencepiece BPE, {self.vocab_size} pieces; EOS {self.sp.id_to_piece(self.eos_id)!r}={self.eos_id}, "
+                f"no BOS at document starts")
 
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer (`tokenizers.Tokenizer.from_file`).
 
-    EOS and BOS come from tokenizer_config.json, special_tokens_map.json or config.json next to the
-    tokenizer.json (in that order), else from the well-known names in its vocabulary. Whether a document
-    starts with BOS is what the tokenizer's own post-processor does when asked for special tokens.
+    EOS and BOS are data.eos_token / data.bos_token when given, else what tokenizer_config.json,
+    special_tokens_map.json or config.json next to the tokenizer.json name (in that order), else the first
+    well-known name in its vocabulary (a bare tokenizer.json: the log says so and which others it has). Whether a
+    document starts with BOS is data.bos_token (a token: yes; "": no BOS), else tokenizer_config.json's
+    add_bos_token, else what the tokenizer's own post-processor does when asked for special tokens.
+    `specials` says which were chosen and why.
     """
 
     kind = "hf"
 
-    def __init__(self, json_path: str | Path):
+    def __init__(self, json_path: str | Path, eos_token: str | None = None, bos_token: str | None = None):
         from tokenizers import Tokenizer as _Tokenizer
         json_path = Path(json_path)
         try:
@@ -166,17 +170,55 @@ class HFTokenizer(Tokenizer):
                 if name != "config.json":  # the model's config is not the tokenizer's: not saved with it
                     self.files[name] = json_path.parent / name
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
-        eos = self._special_id(configs, "eos", EOS_NAMES)
-        if eos is None:
+        self.chosen = eos_token is not None or bos_token is not None  # by data.eos_token / data.bos_token
+        self.eos_id, eos_why = self._choose(json_path, configs, "eos", EOS_NAMES, eos_token)
+        if self.eos_id is None:
             raise DataError(f"{json_path}: no EOS token: none is named in {', '.join(HF_CONFIGS)} next to it, and "
-                            f"the vocabulary has none of {', '.join(EOS_NAMES)}: add a tokenizer_config.json with "
-                            f'"eos_token" beside it')
-        self.eos_id, self.bos_id = eos, self._special_id(configs, "bos", BOS_NAMES)
+                            f"the vocabulary has none of {', '.join(EOS_NAMES)}: set data.eos_token= (or add a "
+                            f'tokenizer_config.json with "eos_token" beside it)')
+        self.bos_id, bos_why = self._choose(json_path, configs, "bos", BOS_NAMES, bos_token or None)
         self.special_ids = self._special_ids(configs)
         probe = "a"
-        self.add_bos = (self.bos_id is not None
-                        and self.tk.encode(probe, add_special_tokens=True).ids[:1] == [self.bos_id]
-                        and self.tk.encode(probe, add_special_tokens=False).ids[:1] != [self.bos_id])
+        added = configs.get("tokenizer_config.json", {}).get("add_bos_token")
+        if bos_token is not None:  # "" (no BOS) or a token every document starts with
+            self.add_bos, add_why = bool(bos_token), "data.bos_token"
+        elif self.bos_id is not None and isinstance(added, bool):
+            self.add_bos, add_why = added, "add_bos_token in tokenizer_config.json"
+        else:
+            self.add_bos = (self.bos_id is not None
+                            and self.tk.encode(probe, add_special_tokens=True).ids[:1] == [self.bos_id]
+                            and self.tk.encode(probe, add_special_tokens=False).ids[:1] != [self.bos_id])
+            add_why = "what its post-processor does"
+        bos = "no BOS" if self.bos_id is None else (
+            f"BOS {self.tk.id_to_token(self.bos_id)!r}={self.bos_id} ({bos_why}) "
+            f"{'at' if self.add_bos else 'not at'} document starts ({add_why})")
+        self.specials = f"EOS {self.tk.id_to_token(self.eos_id)!r}={self.eos_id} ({eos_why}); {bos}"
+
+    def _choose(self, json_path: Path, configs: dict, which: str, names: tuple[str, ...], given: str | None
+                ) -> tuple[int | None, str]:
+        """(id, why) of EOS or BOS: data.{which}_token, else what the config files name, else a well-known name."""
+        if given is not None:
+            if self.tk.token_to_id(given) is None:
+                raise DataError(f"data.{which}_token={given!r} is not a token of {json_path}: give one of its tokens "
+                                f"(e.g. {', '.join(repr(n) for n in names if self.tk.token_to_id(n) is not None) or 'none'})")
+            return self.tk.token_to_id(given), f"data.{which}_token"
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            value = configs.get(name, {}).get(f"{which}_token")
+            if isinstance(value, dict):  # {"content": "</s>", "lstrip": false, ...}
+                value = value.get("content")
+            if isinstance(value, str) and self.tk.token_to_id(value) is not None:
+                return self.tk.token_to_id(value), f"{which}_token in {name}"
+        value = configs.get("config.json", {}).get(f"{which}_token_id")
+        if isinstance(value, list):  # Llama 3.1 instruct lists several EOS ids; the first is the base model's
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value, f"{which}_token_id in config.json"
+        found = [n for n in names if self.tk.token_to_id(n) is not None]
+        if not found:
+            return None, ""
+        others = f"; it also has {', '.join(found[1:])}" if found[1:] else ""
+        return self.tk.token_to_id(found[0]), (f"no file beside {json_path.name} names one: the first well-known "
+                                               f"name in its vocabulary{others}; data.{which}_token= chooses")
 
     def _special_ids(self, configs: dict) -> frozenset[int]:
         """What transformers counts as special (`all_special_ids`): the added tokens marked special, the tokens
@@ -191,20 +233,6 @@ class HFTokenizer(Tokenizer):
                 ids.add(self.tk.token_to_id(value))
         return frozenset(ids)
 
-    def _special_id(self, configs: dict, which: str, names: tuple[str, ...]) -> int | None:
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            value = configs.get(name, {}).get(f"{which}_token")
-            if isinstance(value, dict):  # {"content": "</s>", "lstrip": false, ...}
-                value = value.get("content")
-            if isinstance(value, str) and self.tk.token_to_id(value) is not None:
-                return self.tk.token_to_id(value)
-        value = configs.get("config.json", {}).get(f"{which}_token_id")
-        if isinstance(value, list):  # Llama 3.1 instruct lists several EOS ids; the first is the base model's
-            value = value[0] if value else None
-        if isinstance(value, int):
-            return value
-        return next((self.tk.token_to_id(n) for n in names if self.tk.token_to_id(n) is not None), None)
-
     @cached_property
     def line_cuts(self) -> str:
         """"words" when encoding a text in parts cut before the first word of a line (`word_cuts`) gives the ids
@@ -214,13 +242,17 @@ class HFTokenizer(Tokenizer):
         return "words" if [i for ids in self.encode_batch(parts) for i in ids] == self.encode(PROBE) else "none"
 
     def save(self, directory: str | Path) -> None:
-        """Copies of its files; where no tokenizer_config.json named EOS/BOS, one that does, so that the
-        copy resolves the same special tokens without the model's config.json or the name heuristics."""
+        """Copies of its files; where no tokenizer_config.json named EOS/BOS, or data.eos_token/bos_token chose
+        them, one that names them, so that the copy resolves the same special tokens without the model's
+        config.json, the name heuristics or the options."""
         super().save(directory)
-        if "tokenizer_config.json" not in self.files:
-            named = {"eos_token": self.tk.id_to_token(self.eos_id)}
-            if self.bos_id is not None:
-                named["bos_token"] = self.tk.id_to_token(self.bos_id)
+        if "tokenizer_config.json" not in self.files or self.chosen:
+            src = self.files.get("tokenizer_config.json")
+            named = json.loads(Path(src).read_text()) if src else {}
+            named["eos_token"] = self.tk.id_to_token(self.eos_id)
+            named["bos_token"] = self.tk.id_to_token(self.bos_id) if self.bos_id is not None else None
+            if self.chosen:
+                named["add_bos_token"] = self.add_bos
             (Path(directory) / "tokenizer_config.json").write_text(json.dumps(named, indent=1))
 
     def encode(self, text: str) -> list[int]:
@@ -235,7 +267,7 @@ class HFTokenizer(Tokenizer):
         return self.tk.decode([int(i) for i in ids if int(i) not in self.special_ids], skip_special_tokens=False)
 
     def describe(self) -> str:
-        return f"Hugging Face {type(self.tk.model).__name__} tokenizer, {self.vocab_size} tokens"
+        return f"Hugging Face {type(self.tk.model).__name__} tokenizer, {self.vocab_size} tokens; {self.specials}"
 
 
 _LINE_WORD = re.compile(rb"\n([ \t]*)[^\s]")
@@ -268,17 +300,23 @@ def tokenizer_files(path: str | Path) -> tuple[str, Path]:
     return ("hf", path) if path.suffix == ".json" else ("sentencepiece", path)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, eos_token: str | None = None, bos_token: str | None = None) -> Tokenizer:
+    """`eos_token` / `bos_token` (data.eos_token / data.bos_token): a Hugging Face tokenizer's EOS, and the token
+    starting every document ("" for none), instead of what its files name."""
     kind, file = tokenizer_files(path)
     file = file.resolve()
+    if kind != "hf" and (eos_token is not None or bos_token is not None):
+        raise DataError(f"data.eos_token / data.bos_token choose a Hugging Face tokenizer's tokens; {path} is a "
+                        f"sentencepiece model, whose EOS and BOS are its own: leave them unset")
     read = [file, *(file.parent / name for name in HF_CONFIGS if kind == "hf")]
-    return _load(kind, file, tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in read if f.is_file()))
+    stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in read if f.is_file())
+    return _load(kind, file, stamp, eos_token, bos_token)
 
 
 @lru_cache(maxsize=8)  # validation, the cache key and the build all ask; a Llama tokenizer.json is 9 MB
-def _load(kind: str, file: Path, stamp: tuple) -> Tokenizer:
+def _load(kind: str, file: Path, stamp: tuple, eos_token: str | None, bos_token: str | None) -> Tokenizer:
     """`stamp`: size and mtime of every file it reads, so that a changed file is read again."""
-    return HFTokenizer(file) if kind == "hf" else SentencePieceTokenizer(file)
+    return HFTokenizer(file, eos_token, bos_token) if kind == "hf" else SentencePieceTokenizer(file)
 
 
 def train_sentencepiece(lines: Iterable[str], vocab_size: int) -> bytes:

@@ -203,6 +203,46 @@ def test_a_same_size_edit_with_the_mtime_restored_is_found_by_verify_corpus(tmp_
     assert Counter(text) == Counter(path.read_text())
 
 
+# ---------------------------------------------------------------- 6. which EOS and BOS
+
+
+def test_eos_and_bos_are_said_with_their_reason_and_chosen_by_options(tmp_path, sp_model):
+    """A bare tokenizer.json of a SmolLM-like vocabulary picks <|endoftext|> by name, its directory picks <|im_end|>
+    from tokenizer_config.json: each says so; data.eos_token / data.bos_token choose, and the cache keeps it."""
+    import shutil
+
+    from test_tokenizer import hf_bpe
+    model = tmp_path / "model"
+    hf_bpe(model / "tokenizer.json", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
+    (tmp_path / "bare").mkdir()
+    shutil.copy(model / "tokenizer.json", tmp_path / "bare" / "tokenizer.json")
+    bare, full = load_tokenizer(tmp_path / "bare" / "tokenizer.json"), load_tokenizer(model)
+    assert (bare.eos_id, bare.bos_id, full.eos_id, full.bos_id) == (0, None, 2, 1)
+    assert ("EOS '<|endoftext|>'=0 (no file beside tokenizer.json names one: the first well-known name in its "
+            "vocabulary; it also has <|im_end|>; data.eos_token= chooses); no BOS") in bare.describe()
+    assert ("EOS '<|im_end|>'=2 (eos_token in tokenizer_config.json); BOS '<|im_start|>'=1 (bos_token in "
+            "tokenizer_config.json) not at document starts (what its post-processor does)") in full.describe()
+    (tmp_path / "a.py").write_text(CODE[3])
+    cfg = cfg_for([tmp_path / "a.py"], tmp_path / "c", tokenizer=str(tmp_path / "bare" / "tokenizer.json"),
+                  eos_token="<|im_end|>", bos_token="<|im_start|>")
+    check_data(cfg)
+    corpus, log = build(cfg)
+    assert "EOS '<|im_end|>'=2 (data.eos_token); BOS '<|im_start|>'=1 (data.bos_token) at document starts" in log
+    train, val = corpus.train_tokens(), corpus.val_tokens()
+    stream_ = train if len(train) else val
+    assert stream_[0] == 1 and stream_[-1] == 2 and 0 not in set(np.concatenate([train, val]).tolist())
+    again = load_tokenizer(corpus.path)  # the cache's copy (checkpoints and exports carry it) says the same
+    assert (again.eos_id, again.bos_id, again.add_bos) == (2, 1, True)
+    none = cfg_for([tmp_path / "a.py"], tmp_path / "c", tokenizer=str(model), bos_token="")
+    assert load_tokenizer(model, None, "").add_bos is False
+    assert build(none)[0].key != corpus.key
+    with pytest.raises(DataError, match=r"data.eos_token='<eos>' is not a token of .*tokenizer.json"):
+        check_data(cfg_for([tmp_path / "a.py"], tmp_path / "c", tokenizer=str(model), eos_token="<eos>"))
+    with pytest.raises(DataError, match=r"is a sentencepiece model, whose EOS and BOS are its own"):
+        check_data(cfg_for([tmp_path / "a.py"], tmp_path / "c", tokenizer=sp_model, eos_token="</s>"))
+
+
 # ---------------------------------------------------------------- 7. long lines, 8. the tokenizer's pieces
 
 

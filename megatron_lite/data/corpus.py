@@ -91,21 +91,25 @@ def _text_files(paths: list[str]) -> list[Path]:
     return sorted(files)
 
 
+def given_tokenizer(cfg: DataConfig):
+    """data.tokenizer with data.eos_token / data.bos_token."""
+    from ..tokenizer import load_tokenizer
+    return load_tokenizer(cfg.tokenizer, cfg.eos_token, cfg.bos_token)
+
+
 def check_data(cfg: DataConfig) -> list[Path]:
     """Everything about the data that can be checked without reading the corpus; sets data.vocab_size from
     data.tokenizer when one is given (the model's vocabulary is the tokenizer's)."""
-    from ..tokenizer import load_tokenizer
     files = corpus_files(cfg)
     if cfg.tokenizer:
-        cfg.vocab_size = load_tokenizer(cfg.tokenizer).vocab_size
+        cfg.vocab_size = given_tokenizer(cfg).vocab_size
     token_dtype(cfg, cfg.vocab_size)
     return files
 
 
 def corpus_key(files: list[Path], cfg: DataConfig) -> str:
     """The cache directory's name: settings, tokenizer, and each file's path, size and modification time."""
-    from ..tokenizer import load_tokenizer
-    tokenizer = (load_tokenizer(cfg.tokenizer).fingerprint if cfg.tokenizer else
+    tokenizer = (given_tokenizer(cfg).fingerprint if cfg.tokenizer else
                  ["sentencepiece-bpe", spm.__version__, cfg.vocab_size, cfg.max_tokenizer_chars])
     settings = [FORMAT_VERSION, tokenizer, cfg.val_fraction, cfg.text_key, cfg.token_dtype, cfg.binary_files, cfg.bad_utf8]
     h = hashlib.sha256(json.dumps(settings).encode())

@@ -34,7 +34,7 @@ from ..tokenizer import load_tokenizer, train_sentencepiece
 from . import readers
 from .cache import BINS, TokenizedCorpus, problem
 from .config import DataConfig, DataError, token_dtype
-from .corpus import FORMAT_VERSION, check_data, corpus_key
+from .corpus import FORMAT_VERSION, check_data, corpus_key, given_tokenizer
 from .encode import Stats
 from .lock import HeldLock, build_once
 from .passes import encode_pass, sample_pass, worker_pool
@@ -78,6 +78,7 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
             f"val tokens in {m['seconds']:.1f} s")
     else:
         log(f"data: using cached tokens in {out}")
+    log(f"data: tokenizer: {corpus.meta['tokenizer']['describe']}")
     if corpus.changes():
         log(f"data: left out or changed by the preparation: {corpus.changes()}")
     return corpus
@@ -93,7 +94,7 @@ def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: P
     with worker_pool(workers) as pool:
         if not state["tokenizer"]:
             if cfg.tokenizer:
-                load_tokenizer(cfg.tokenizer).save(work)
+                given_tokenizer(cfg).save(work)
             else:
                 lines = sample_pass(files, cfg, pool, 2 * workers, Progress("sampling text for the tokenizer", total,
                                                                             log, held.status, bar=bar))
@@ -131,7 +132,8 @@ def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: P
         train_tokens=state["train.bin"] // dtype.itemsize, val_tokens=state["val.bin"] // dtype.itemsize,
         dtype=dtype.name, sha256=digests,
         tokenizer=dict(kind=tok.kind, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
-                       add_bos=tok.add_bos, fingerprint=tok.fingerprint, describe=tok.describe(),
+                       add_bos=tok.add_bos, fingerprint=tok.fingerprint,
+                       describe=(given_tokenizer(cfg) if cfg.tokenizer else tok).describe(),  # with its reasons
                        source=str(cfg.tokenizer) if cfg.tokenizer else "trained on this corpus",
                        files={name: (work / name).stat().st_size for name in tok.files}),
         seconds=time.time() - t0, workers=workers, host=socket.gethostname())
