@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -363,3 +364,106 @@ def test_tokenizer_training_prints_its_end_and_duration(tmp_path):
     (tmp_path / "a.py").write_text("".join(CODE))
     log = build(cfg_for([tmp_path / "a.py"], tmp_path / "c", vocab_size=512))[1]
     assert "training the tokenizer (vocab 512) on" in log and ": done in " in log.split("training the tokenizer")[-1]
+
+
+# ---------------------------------------------------------------- 9. leftovers, Ctrl-C, --clean; 10. the command
+
+
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += kids - out
+            out |= kids
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:  # a zombie is gone: it waits only to be reaped by whoever adopted it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _all_gone(pids: set[int]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(map(_gone, pids)):
+        time.sleep(0.1)
+    assert all(map(_gone, pids)), [pid for pid in pids if not _gone(pid)]
+
+
+def _start_building(cmd: list[str], cache: Path, **kw) -> tuple[subprocess.Popen, set[int]]:
+    """Start a preparation and wait for it to be tokenizing on its two workers; return it and its descendants
+    (the workers, multiprocessing's resource tracker)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        kids = _descendants(proc.pid)
+        if len(kids) >= 3 and list(cache.glob("*.build.*/progress.json")):
+            return proc, kids
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"the preparation was not seen tokenizing: {proc.communicate()}")
+
+
+def _corpus_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(CODE) * 200)  # 17 MB: seconds of tokenizing
+    return path
+
+
+KILLABLE = """
+import sys
+from megatron_lite.data import DataConfig, prepare_corpus
+prepare_corpus(DataConfig(name="text", paths=[sys.argv[1]], tokenizer=sys.argv[2], workers=2, cache_dir=sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_workers_die_with_the_preparing_process(tmp_path, sp_model, sig):
+    cache = tmp_path / "c"
+    cmd = [sys.executable, "-c", KILLABLE, str(_corpus_file(tmp_path)), sp_model, str(cache)]
+    proc, kids = _start_building(cmd, cache)
+    assert len(kids) >= 3, kids  # two workers and the resource tracker
+    proc.send_signal(getattr(signal, sig))
+    proc.wait()
+    _all_gone(kids)
+
+
+def test_ctrl_c_is_one_line_and_clean_removes_what_is_left(tmp_path, sp_model):
+    """Ctrl-C (SIGINT to the terminal's process group) stops the command with one line; --clean then removes the
+    build it left and a damaged copy, and keeps a complete cache; the command imports no torch."""
+    cache = tmp_path / "c"
+    cmd = [sys.executable, "-m", "megatron_lite.data", "data=text", f"data.paths=[{_corpus_file(tmp_path)}]",
+           f"data.cache_dir={cache}", "data.workers=2", f"data.tokenizer={sp_model}"]
+    proc, kids = _start_building(cmd, cache, start_new_session=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "interrupted: the preparation stops here; run the same command again to resume it"], err
+    _all_gone(kids)
+    (tmp_path / "a.py").write_text(CODE[0])
+    kept = build(cfg_for([tmp_path / "a.py"], cache, tokenizer=sp_model))[0]
+    (cache / f"{kept.key}.damaged.20260101-000000").mkdir()
+    (cache / f"{kept.key}.damaged.20260101-000000" / "train.bin").write_bytes(b"x" * 1000)
+    before = sorted(p.name for p in cache.iterdir())
+    assert any(".build." in name for name in before), before
+    cleaned = subprocess.run([sys.executable, "-X", "importtime", "-m", "megatron_lite.data", "--clean",
+                              f"data.cache_dir={cache}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert cleaned.returncode == 0, cleaned.stderr[-2000:]
+    assert sorted(p.name for p in cache.iterdir()) == [kept.key], cleaned.stdout
+    assert "removed" in cleaned.stdout and f"kept the cache {kept.path}" in cleaned.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in cleaned.stderr.splitlines() if line.startswith("import time")}
+    assert "megatron_lite.config" in imported and not {m for m in imported if m.split(".")[0] == "torch"}
+
+
+def test_help_lists_the_command_and_its_data_keys():
+    out = subprocess.run([sys.executable, "-m", "megatron_lite.data", "--help"], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("python -m megatron_lite.data: prepare a corpus")
+    assert "  data.bad_utf8=\"error\"  invalid UTF-8 in text or JSONL: error | replace" in out.stdout
+    assert "model." not in out.stdout and "Powered by Hydra" not in out.stdout

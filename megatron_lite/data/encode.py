@@ -16,7 +16,9 @@ worker, in the calling process; they return the same arrays either way.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -28,6 +30,7 @@ from .readers import Doc, Piece, documents
 from .split import SEGMENT, content_hash, is_val, phase, sample_rank, segments
 
 HASH_MOD = 2**128
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -142,9 +145,17 @@ class Worker:
 _worker = Worker()  # one per process
 
 
-def init_worker() -> None:
-    """Worker processes run one task at a time on one core: keep `tokenizers` from starting a thread pool."""
+def init_worker(parent: int) -> None:
+    """Worker processes run one task at a time on one core: keep `tokenizers` from starting a thread pool. A
+    worker dies with its parent (Linux: PR_SET_PDEATHSIG), even one killed with SIGKILL, instead of waiting for
+    tasks forever; Ctrl-C is the parent's to handle (it stops the workers)."""
     os.environ["RAYON_NUM_THREADS"] = "1"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc = getattr(ctypes.CDLL(None), "prctl", None)
+    if libc is not None:
+        libc(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def sample_task(args) -> Sampled:
