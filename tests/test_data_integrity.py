@@ -467,3 +467,49 @@ def test_help_lists_the_command_and_its_data_keys():
     assert out.returncode == 0 and out.stdout.startswith("python -m megatron_lite.data: prepare a corpus")
     assert "  data.bad_utf8=\"error\"  invalid UTF-8 in text or JSONL: error | replace" in out.stdout
     assert "model." not in out.stdout and "Powered by Hydra" not in out.stdout
+
+
+# ---------------------------------------------------------------- issue 17: small corpora
+
+
+def _six_documents(tmp_path: Path) -> list[Path]:
+    """~100 kB in 6 documents (the fine-tuning corpus of issue 17): the split holds out none of their segments."""
+    text = "".join(CODE)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"doc{i}.txt")
+        paths[-1].write_text(text[i * 16_000:(i + 1) * 16_000])
+    return paths
+
+
+def test_a_small_corpus_still_gets_a_validation_window(tmp_path, sp_model):
+    from megatron_lite.data.split import hold_out
+    corpus = build(cfg_for(_six_documents(tmp_path), tmp_path / "c", tokenizer=sp_model))[0]
+    train, val = corpus.train_tokens(), corpus.val_tokens()
+    assert len(val) == 0 and len(train) > 20_000  # what stopped the run: "the val data has 0 tokens"
+    t, v, note = hold_out(train, val, 1025)
+    assert len(v) == 1025 and np.array_equal(np.concatenate([t, v]), train)  # nothing lost, nothing repeated
+    assert note == ("validation: 1,025 tokens (one window): the split held out 0, so the last 1,025 tokens of the "
+                    "training text were moved to validation")
+    t, v, note = hold_out(train[:1500], train[1500:1600], 1025)  # under two windows: validate on the last one
+    assert len(t) == 1600 and np.array_equal(v, train[575:1600]) and "too short (1,600 tokens)" in note
+    t, v, _ = hold_out(train[:100], train[100:5000], 1025)  # training short of a window: it takes from validation
+    assert len(t) == 1025 and len(v) == 4900 - 925
+    t, v, note = hold_out(train[:5000], train[5000:7000], 1025)
+    assert (len(t), len(v)) == (5000, 2000) and note.startswith("validation: 2,000 tokens (28.6%) held out")
+    with pytest.raises(DataError, match=r"the corpus has 1,000 tokens, fewer than one training window \(model.seq_len "
+                                        r"\+ 1 = 1,025\): give more text \(data.paths\) or a shorter model.seq_len"):
+        hold_out(train[:900], train[900:1000], 1025)
+
+
+@pytest.mark.slow
+def test_train_py_runs_on_a_six_document_corpus(tmp_path, sp_model):
+    from cli import SMALL
+    paths = _six_documents(tmp_path)
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALL, "train.steps=2", "train.eval_every=2",
+                          f"run_dir={tmp_path / 'run'}", "data=text", f"data.paths=[{','.join(map(str, paths))}]",
+                          f"data.tokenizer={sp_model}", f"data.cache_dir={tmp_path / 'c'}"], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "data: validation: 65 tokens (one window): the split held out 0" in log and "val loss" in log

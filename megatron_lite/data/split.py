@@ -25,6 +25,10 @@ import hashlib
 import math
 import re
 
+import numpy as np
+
+from .config import DataError
+
 SEGMENT = 8192  # bytes
 LINE_MAX = 16384  # bytes: a longer line is cut (see above)
 HALF = LINE_MAX // 2
@@ -109,3 +113,31 @@ def sample_rank(segment: bytes) -> int:
 def content_hash(segment: bytes) -> int:
     """Summed over all segments (mod 2**128) into the corpus fingerprint: order-free, so workers can add."""
     return _hash(segment, b"ml-corpus", 16)
+
+
+def hold_out(train: np.ndarray, val: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The training and validation token streams of a run whose windows are `window` (model.seq_len + 1) tokens,
+    and a line saying what validation holds. The split above works in 8 KiB segments, so a small corpus (a few
+    documents) can hold out nothing: then validation gets one window's worth, the end of the training stream;
+    a corpus of one to two windows keeps all its text for training and validates on its last window (said so).
+    A corpus shorter than one window is the only error."""
+    n_train, n_val = len(train), len(val)
+    total = n_train + n_val
+    if total < window:
+        raise DataError(f"the corpus has {total:,} tokens, fewer than one training window (model.seq_len + 1 = "
+                        f"{window:,}): give more text (data.paths) or a shorter model.seq_len")
+    if n_train >= window and n_val >= window:
+        return train, val, f"validation: {n_val:,} tokens ({100 * n_val / total:.1f}%) held out by the split"
+    if total < 2 * window:
+        whole = np.concatenate([train, val])
+        return whole, whole[-window:], (f"validation: the last {window:,} tokens (one window) of the training text, "
+                                        f"which is too short ({total:,} tokens) to hold out a window")
+    if n_val < window:  # the usual small-corpus case
+        k = window - n_val
+        return train[:-k], np.concatenate([train[-k:], val]), (
+            f"validation: {window:,} tokens (one window): the split held out {n_val:,}, so the last {k:,} tokens of "
+            f"the training text were moved to validation")
+    k = window - n_train
+    return np.concatenate([train, val[:k]]), val[k:], (
+        f"validation: {n_val - k:,} tokens: the split left {n_train:,} for training, fewer than a window, so the "
+        f"first {k:,} validation tokens were moved to training")
