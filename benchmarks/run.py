@@ -442,10 +442,12 @@ def section_data(rep: Report, args) -> dict:
     rep.table(["contender", "MB per CPU-second", "vs the limit"], [
         ["tokenizers encode_batch on ~8 KiB pieces (the limit)", f"{hf['pieces']:.2f}", "1.000"],
         ["tokenizers encode_batch on whole files", f"{hf['files']:.2f}", f"{hf['files'] / hf['pieces']:.3f}"],
+        ["tokenizers encode_batch_fast (no offsets) on the pieces", f"{hf['fast']:.2f}",
+         f"{hf['fast'] / hf['pieces']:.3f}"],
         ["prepare_corpus, 1 worker (in-process)", f"{hf['pipeline']:.2f}", f"{hf['pipeline'] / hf['pieces']:.3f}"]])
     share = hf["pipeline"] / hf["pieces"]
-    rep(f"   verdict: the pipeline with an HF tokenizer runs at {share:.3f} of the library's own encode_batch per "
-        f"CPU-second ({'met' if share >= 0.90 else 'NOT met'}: goal >= 0.90)")
+    rep(f"   verdict: the pipeline with an HF tokenizer (which calls encode_batch_fast: the same ids) runs at {share:.3f} "
+        f"of the library's own encode_batch per CPU-second ({'met' if share >= 0.90 else 'NOT met'}: goal >= 0.90)")
     line = res["long_line"]
     mb = next(iter(line.values()))["text_bytes"] / 1e6
     rep(f"-- d. {mb:.0f} MB of text as ordinary lines and as one single line, 2 workers")

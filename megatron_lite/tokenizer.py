@@ -259,7 +259,9 @@ class HFTokenizer(Tokenizer):
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
+        """The same ids as `encode_batch`; `encode_batch_fast` (tokenizers >= 0.20) skips the offsets (~15% faster)."""
+        encode = getattr(self.tk, "encode_batch_fast", self.tk.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text without the special tokens, as transformers' `decode(ids, skip_special_tokens=True)` (and as

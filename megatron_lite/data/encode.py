@@ -136,7 +136,9 @@ class Worker:
         ids = iter(tok.encode_batch([p.decode("utf-8", "replace") for ps in cut for p in ps]))
         streams: tuple[list[int], list[int]] = ([], [])
         for (held_out, _, first, last), ps in zip(parts, cut):
-            run_ids = [i for _ in ps for i in next(ids)]
+            run_ids = next(ids)
+            for _ in ps[1:]:
+                run_ids += next(ids)
             streams[held_out].extend(tok.frame(run_ids, first=first, last=last))
         train, val = (np.array(s, dtype=dtype) for s in streams)
         return Encoded(train, val, stats, sum(p.disk for p in task))
