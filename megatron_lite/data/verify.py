@@ -77,8 +77,11 @@ def check(path: Path, corpus: bool, status: dict | None = None) -> str | None:
 
 def verify_once(path: Path, cfg: DataConfig, log: Callable[[str], None]) -> str | None:
     """None when the cache at `path` is sound; else what is wrong with it (marked DAMAGED: prepare it again)."""
-    since, size = process_start(), sum((path / name).stat().st_size for name in BINS)
-    what = f"{human_bytes(size)} of tokens" + (" and the corpus files" if cfg.verify_corpus else "")
+    try:
+        size = sum((path / name).stat().st_size for name in BINS)
+    except OSError:  # set aside by another job since it was found complete
+        return problem(path) or "missing"
+    since, what = process_start(), f"{human_bytes(size)} of tokens" + (" and the corpus files" if cfg.verify_corpus else "")
 
     def ready() -> bool:
         if problem(path) is not None:  # marked DAMAGED, or set aside for a rebuild meanwhile
