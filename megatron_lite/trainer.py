@@ -84,11 +84,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     guard.write_status("running")
 
     accum = grad_accum_steps(cfg, ctx.world_size)
-    train_data = make_windows(cfg.data, corpus, "train", cfg.model.seq_len, cfg.train.seed)
-    val_data = make_windows(cfg.data, corpus, "val", cfg.model.seq_len, cfg.train.seed + 1)
-    for data in (train_data, val_data):
-        if data.describe():
-            log.info(f"data: {data.describe()}")
+    train_data, val_data = make_windows(cfg.data, corpus, cfg.model.seq_len, cfg.train.seed, log=log.info)
     if cfg.data.sampling == "epoch":
         log.info(f"data: epochs of {train_data.windows:,} windows ({train_data.windows / cfg.train.global_batch_size:,.1f} "
                  f"steps); sample {state.consumed_samples:,} is in epoch {train_data.epoch(state.consumed_samples)}")

@@ -151,7 +151,7 @@ def test_prepare_chat_corpus(tokdirs, tmp_path):
     tok, template = load_tokenizer(tokdirs["chatml"]), ChatTemplate.of_tokenizer(tokdirs["chatml"])
     encoded = [encode_chat(tok, template, r["messages"]) for r in rows[:-1]]
     c, m = a.meta["chat"], a.meta
-    assert c["skipped"] == 1 and c["train_documents"] + c["val_documents"] == 60 and c["val_documents"] > 0
+    assert c["empty"] == 1 and c["train_documents"] + c["val_documents"] == 60 and c["val_documents"] > 0
     assert m["train_tokens"] + m["val_tokens"] == sum(len(ids) for ids, _ in encoded)
     assert c["train_loss_tokens"] + c["val_loss_tokens"] == sum(sum(k) for _, k in encoded)
     flags = np.concatenate([a.flags("train"), a.flags("val")])
@@ -294,9 +294,13 @@ def test_text_windows_with_document_mask():
     from megatron_lite.data.packing import make_windows
     from megatron_lite.data.sampler import EpochSampler
     tokens = np.array([5, 6, 0, 7, 8, 9, 0, 4, 3, 0, 2, 1, 0], dtype=np.uint16)  # documents end with EOS = 0
-    corpus = SimpleNamespace(train_tokens=lambda: tokens, flags=lambda split: None, meta={"tokenizer": {"eos_id": 0}})
-    plain = make_windows(DataConfig(sampling="epoch"), corpus, "train", 4, seed=1)
-    masked = make_windows(DataConfig(sampling="epoch", document_mask=True), corpus, "train", 4, seed=1)
+    val = np.array([9, 8, 0, 7, 6, 0], dtype=np.uint16)
+    corpus = SimpleNamespace(train_tokens=lambda: tokens, val_tokens=lambda: val, data_format="text",
+                             meta={"tokenizer": {"eos_id": 0}})
+    lines = []
+    plain, _ = make_windows(DataConfig(sampling="epoch"), corpus, 4, seed=1, log=lines.append)
+    masked, _ = make_windows(DataConfig(sampling="epoch", document_mask=True), corpus, 4, seed=1)
+    assert lines == ["data: validation: 6 tokens (31.6%) held out by the split"]
     x, y = EpochSampler(tokens, 4, 1).batch([0, 1, 2])
     a, b = plain.sample([0, 1, 2]), masked.sample([0, 1, 2])
     assert a.positions is None and a.document_ids is None and plain.windows == masked.windows == 3

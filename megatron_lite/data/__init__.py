@@ -10,6 +10,8 @@
     lock.py      exactly one builder across ranks, jobs and nodes; the others poll, with no timeout
     progress.py  rate, ETA, progress bar
     cache.py     TokenizedCorpus: a complete cache on disk, checked before use
+    verify.py    its checksums (and the corpus files') verified once per job, by one process
+    clean.py     python -m megatron_lite.data --clean: damaged copies, abandoned builds, dead locks
     sampler.py   training windows: random (with replacement) or epochs (a permutation per epoch)
     chat_template.py  the model's chat template, rendered as transformers renders it; the assistant's spans
     chat.py      chat and prompt/completion rows as token ids, and which ones the loss counts

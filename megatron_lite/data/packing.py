@@ -32,6 +32,7 @@ import torch
 from .chat_prepare import LOSS, START
 from .config import DataConfig, DataError
 from .sampler import WindowSampler, make_sampler
+from .split import hold_out
 
 
 @dataclass
@@ -170,9 +171,6 @@ class TextWindows:
         self.sampler, self.eos_id = sampler, eos_id
         self.windows = getattr(sampler, "windows", None)
 
-    def describe(self) -> str | None:
-        return None
-
     def epoch(self, i: int) -> int | None:
         return self.sampler.epoch(i)
 
@@ -194,14 +192,22 @@ def document_metadata(x_BS: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, to
     return index_BS - first_BS, starts_BS.long().cumsum(dim=1)
 
 
-def make_windows(cfg: DataConfig, corpus, split: str, seq_len: int, seed: int):
-    """The windows of a prepared corpus's `split` (train or val) as the run's data settings ask for them: an
-    object with `sample(indices) -> Batch`, `epoch(i)`, `windows` (None for random text windows), `describe()`."""
-    tokens = corpus.train_tokens() if split == "train" else corpus.val_tokens()
-    flags = corpus.flags(split)
+def make_windows(cfg: DataConfig, corpus, seq_len: int, seed: int, log=lambda line: None):
+    """(training windows, validation windows) of a prepared corpus as the run's data settings ask for them (seeds
+    `seed` and `seed` + 1): objects with `sample(indices) -> Batch`, `epoch(i)` and `windows` (None for random
+    text windows). Text: split.hold_out's streams (a small corpus gets a validation window all the same); chat
+    formats: each split's conversations, packed or padded. `log` gets a line on what each holds."""
     eos = corpus.meta["tokenizer"]["eos_id"]
-    if flags is None:
-        return TextWindows(make_sampler(cfg.sampling, tokens, seq_len, seed, name=split),
-                           eos if cfg.document_mask else None)
-    return PackedWindows(tokens, flags, seq_len, seed, sampling=cfg.sampling, packing=cfg.packing, pad_id=eos,
-                         name=split)
+    if corpus.data_format == "text":
+        train, val, held_out = hold_out(corpus.train_tokens(), corpus.val_tokens(), seq_len + 1)
+        log(f"data: {held_out}")
+        return tuple(TextWindows(make_sampler(cfg.sampling, tokens, seq_len, seed + k, name=name),
+                                 eos if cfg.document_mask else None)
+                     for k, (name, tokens) in enumerate((("train", train), ("val", val))))
+    out = []
+    for k, split in enumerate(("train", "val")):
+        tokens = corpus.train_tokens() if split == "train" else corpus.val_tokens()
+        out.append(PackedWindows(tokens, corpus.flags(split), seq_len, seed + k, sampling=cfg.sampling,
+                                 packing=cfg.packing, pad_id=eos, name=split))
+        log(f"data: {out[-1].describe()}")
+    return tuple(out)
