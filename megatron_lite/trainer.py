@@ -3,7 +3,8 @@
 One optimizer step consumes `train.global_batch_size` sequences: each DP rank runs `grad_accum` micro-batches
 of `train.micro_batch_size`; the gradients are reduced over the DP group once, during the last micro-batch's
 backward (DDP's all-reduce, or the distributed optimizer's reduce-scatter under parallel.zero=1), and
-finalized (optim.finalize_model_grads) once per optimizer step.
+finalized (optim.finalize_model_grads) once per optimizer step. The step's loss is the mean over all of its
+counted targets (token_loss.py: each micro-batch's loss is weighted by its share of them).
 
 At every step boundary the ranks agree whether to stop (a stop signal, the time limit) and on the outcome of
 the checkpoint in flight; a hang watchdog is armed for every step, evaluation and save (resilience.py).
@@ -22,8 +23,8 @@ from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer
 from .config import Config, gpt_config, grad_accum_steps
-from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, make_sampler, prepare_corpus
-from .data.split import hold_out
+from .data import TokenizedCorpus, dp_sample_indices, prepare_corpus
+from .data.packing import make_windows
 from .generate import generate
 from .hf import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
@@ -31,6 +32,7 @@ from .model import GPT
 from .optim import build_optimizer, lr_at
 from .parallel import ParallelContext, init_parallel
 from .resilience import RunGuard
+from .token_loss import dp_cp_mean, forward_backward, mean_loss
 
 
 class DivergenceError(RuntimeError):
@@ -82,10 +84,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     guard.write_status("running")
 
     accum = grad_accum_steps(cfg, ctx.world_size)
-    train_tokens, val_tokens, held_out = hold_out(corpus.train_tokens(), corpus.val_tokens(), cfg.model.seq_len + 1)
-    log.info(f"data: {held_out}")  # a small corpus gets a validation window all the same
-    train_data = make_sampler(cfg.data.sampling, train_tokens, cfg.model.seq_len, cfg.train.seed, name="train")
-    val_data = make_sampler(cfg.data.sampling, val_tokens, cfg.model.seq_len, cfg.train.seed + 1, name="val")
+    train_data, val_data = make_windows(cfg.data, corpus, cfg.model.seq_len, cfg.train.seed, log=log.info)
     if cfg.data.sampling == "epoch":
         log.info(f"data: epochs of {train_data.windows:,} windows ({train_data.windows / cfg.train.global_batch_size:,.1f} "
                  f"steps); sample {state.consumed_samples:,} is in epoch {train_data.epoch(state.consumed_samples)}")
@@ -99,17 +98,11 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         lr = lr_at(state.step, cfg.optim, cfg.train.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=ctx.device)
-        for micro in range(accum):
-            x, y = train_data.batch(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
-                                                      ctx.dp_rank, ctx.dp_size))
-            sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
-            with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
-                loss = forward(x.to(ctx.device), y.to(ctx.device))
-                (loss / accum).backward()
-            loss_sum += loss.detach()
+        batches = [train_data.sample(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
+                                                       ctx.dp_rank, ctx.dp_size)) for micro in range(accum)]
+        loss_sum = forward_backward(forward, opt, batches, ctx, autocast)
         norm = opt.prepare_grads()  # finalize: DP reduction done, SP-replicated grads summed over TP; global norm
-        loss_avg, norm_value = _dp_mean(loss_sum / accum, ctx), norm.item()
+        loss_avg, norm_value = dp_cp_mean(loss_sum / accum, ctx), norm.item()
         if not (math.isfinite(loss_avg) and math.isfinite(norm_value)):  # before the update spoils the weights
             what = f"loss is {loss_avg}" if not math.isfinite(loss_avg) else f"grad norm is {norm_value}"
             log.info(f"error: {what} at step {state.step + 1}")
@@ -146,20 +139,17 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
 
 
 @torch.no_grad()
-def _evaluate(model: GPT, data: WindowSampler, cfg: Config, ctx: ParallelContext, autocast) -> float:
-    """Mean loss over the same eval_iters x global-batch validation windows every time, split over DP
-    like a training step, so that the value does not depend on the layout."""
+def _evaluate(model: GPT, data, cfg: Config, ctx: ParallelContext, autocast) -> float:
+    """Mean loss over the counted targets of the same eval_iters x global-batch validation windows every time,
+    split over DP like a training step, so that the value does not depend on the layout."""
     model.eval()
     accum = grad_accum_steps(cfg, ctx.world_size)
-    total = torch.zeros((), device=ctx.device)
-    for it in range(cfg.train.eval_iters):
-        for micro in range(accum):
-            x, y = data.batch(dp_sample_indices(it * cfg.train.global_batch_size, micro,
-                                                cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size))
-            with autocast:
-                total += model(x.to(ctx.device), y.to(ctx.device))
+    batches = [data.sample(dp_sample_indices(it * cfg.train.global_batch_size, micro, cfg.train.micro_batch_size,
+                                             ctx.dp_rank, ctx.dp_size))
+               for it in range(cfg.train.eval_iters) for micro in range(accum)]
+    loss, _ = mean_loss(model, batches, ctx, autocast)
     model.train()
-    return _dp_mean(total / (cfg.train.eval_iters * accum), ctx)
+    return loss
 
 
 def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger) -> None:
@@ -170,13 +160,6 @@ def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger
     ids = generate(model, tok.frame(tok.encode(s.prompt), last=False), s.max_new_tokens, temperature=s.temperature,
                    top_k=s.top_k, seed=cfg.train.seed, eos_id=tok.eos_id)
     log.info("sample:\n" + tok.decode(ids))
-
-
-def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
-    value = value.detach().float().clone()
-    if ctx.dp_size > 1:
-        dist.all_reduce(value, group=ctx.dp_group)
-    return value.item() / ctx.dp_size
 
 
 def _autocast(cfg: Config, ctx: ParallelContext):

@@ -18,6 +18,7 @@ from .config import DataError
 
 BINS = ("train.bin", "val.bin")
 DAMAGED = "DAMAGED"  # written by a verification that found the contents wrong (verify.py): what it found
+FLAGS = ("train.flags.bin", "val.flags.bin")  # chat formats: a byte per token beside the ids (data/chat_prepare.py)
 
 
 def problem(path: Path) -> str | None:
@@ -32,6 +33,8 @@ def problem(path: Path) -> str | None:
         meta = json.loads((path / "meta.json").read_text())
         expected = {name: meta[f"{name.split('.')[0]}_tokens"] * np.dtype(meta["dtype"]).itemsize for name in BINS}
         expected.update({name: size for name, size in meta["tokenizer"]["files"].items()})
+        if meta.get("data_format", "text") != "text":
+            expected.update({name: meta[f"{name.split('.')[0]}_tokens"] for name in FLAGS})
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"meta.json is unreadable ({e})"
     for name, size in expected.items():
@@ -72,6 +75,14 @@ class TokenizedCorpus:
     @property
     def vocab_size(self) -> int:
         return self.meta["tokenizer"]["vocab_size"]
+
+    @property
+    def data_format(self) -> str:
+        return self.meta.get("data_format", "text")
+
+    def flags(self, split: str) -> np.ndarray | None:
+        """Chat formats: the flags byte of each token of `split` (train or val; data/chat_prepare.py); else None."""
+        return None if self.data_format == "text" else _tokens(self.path / f"{split}.flags.bin", "uint8")
 
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.path)
@@ -123,7 +134,13 @@ class TokenizedCorpus:
             f"  tokens:    {train:,} train + {val:,} validation ({100 * val / max(train + val, 1):.1f}%), {m['dtype']}; "
             f"{m['text_bytes'] / max(train + val, 1):.2f} bytes of text per token",
             *([f"  changes:   {changes} (meta.json has them all)"] if changes else []),
-            f"  prepared in {m['seconds']:.1f} s with {m['workers']} worker{'s' if m['workers'] != 1 else ''}"])
+            f"  prepared in {m['seconds']:.1f} s with {m['workers']} worker{'s' if m['workers'] != 1 else ''}",
+            *([f"  {_describe_tokens(m)}"] if self.data_format != "text" else [])])
+
+
+def _describe_tokens(meta: dict) -> str:
+    from .chat_prepare import describe_tokens
+    return describe_tokens(meta)
 
 
 def _tokens(path: Path, dtype: str) -> np.ndarray:

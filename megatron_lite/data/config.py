@@ -30,6 +30,10 @@ class DataConfig:
     verify_corpus: bool = False  # re-hash every corpus file against the cache's record before using it
     eos_token: Optional[str] = None  # an HF tokenizer's EOS (null: what its files name, else a well-known name)
     bos_token: Optional[str] = None  # a token starting every document; "" for none; null: the tokenizer's own choice
+    # chat and instruction data (data/chat_template.py, chat.py, chat_prepare.py, packing.py)
+    format: str = "text"  # text | chat (rows of `messages`) | prompt_completion (rows of `prompt`, `completion`)
+    packing: bool = True  # chat formats: whole conversations share a window (attention kept within each); false: pad
+    document_mask: bool = False  # text: attention and positions restart at every document (as packed chat data)
 
 
 DTYPES = {"uint16": 2**16, "uint32": 2**32}
@@ -62,6 +66,9 @@ def check_settings(cfg: DataConfig) -> None:
     if (cfg.eos_token is not None or cfg.bos_token is not None) and not cfg.tokenizer:
         raise DataError("data.eos_token / data.bos_token choose among an existing tokenizer's tokens: give "
                         "data.tokenizer (a Hugging Face tokenizer), or leave them unset for the trained BPE")
+    if cfg.format not in ("text", "chat", "prompt_completion"):
+        raise DataError(f"data.format={cfg.format!r} must be text, chat (JSONL/Parquet rows with `messages`) or "
+                        f"prompt_completion (rows with `prompt` and `completion`)")
     if not cfg.text_key:
         raise DataError("data.text_key is empty: name the JSONL field / Parquet column holding the text")
 

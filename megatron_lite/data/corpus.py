@@ -104,6 +104,9 @@ def check_data(cfg: DataConfig) -> list[Path]:
     if cfg.tokenizer:
         cfg.vocab_size = given_tokenizer(cfg).vocab_size
     token_dtype(cfg, cfg.vocab_size)
+    if cfg.format != "text":
+        from .chat_prepare import check_chat
+        check_chat(cfg, files)
     return files
 
 
@@ -112,6 +115,9 @@ def corpus_key(files: list[Path], cfg: DataConfig) -> str:
     tokenizer = (given_tokenizer(cfg).fingerprint if cfg.tokenizer else
                  ["sentencepiece-bpe", spm.__version__, cfg.vocab_size, cfg.max_tokenizer_chars])
     settings = [FORMAT_VERSION, tokenizer, cfg.val_fraction, cfg.text_key, cfg.token_dtype, cfg.binary_files, cfg.bad_utf8]
+    if cfg.format != "text":  # chat formats: the format and the chat template (text keys stay as they were)
+        from .chat_prepare import check_chat
+        settings.append(check_chat(cfg, files))
     h = hashlib.sha256(json.dumps(settings).encode())
     for f in files:
         st = f.stat()

@@ -63,9 +63,10 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
                            "script's top-level code under `if __name__ == '__main__':`")
     files = check_data(cfg)
     out = cache_root(cfg) / corpus_key(files, cfg)
+    build = _build if cfg.format == "text" else _build_chat
     for attempt in range(3):  # a cache found damaged is prepared again, and that one verified in turn
-        built = build_once(out, lambda work, previous, held: _build(files, cfg, out.name, work, previous, held, log,
-                                                                      progress_bar), problem, log)
+        built = build_once(out, lambda work, previous, held: build(files, cfg, out.name, work, previous, held, log,
+                                                                     progress_bar), problem, log)
         if built or (wrong := verify_once(out, cfg, log)) is None:
             break
         log(f"data: cache {out} is damaged ({wrong}): it is set aside and prepared again")
@@ -81,7 +82,19 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
     log(f"data: tokenizer: {corpus.meta['tokenizer']['describe']}")
     if corpus.changes():
         log(f"data: left out or changed by the preparation: {corpus.changes()}")
+    if cfg.format != "text":
+        from .chat_prepare import describe_tokens
+        log(f"data: {describe_tokens(corpus.meta)}")
     return corpus
+
+
+def _build_chat(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: Path | None, held: HeldLock,
+                log: Callable[[str], None], bar: bool) -> None:
+    """data.format=chat | prompt_completion: data/chat_prepare.py builds, with this module's tokenizer record."""
+    from .chat_prepare import build
+    total = sum(f.stat().st_size for f in files)
+    workers = min(cfg.workers or available_cores(), max(1, -(-total // readers.BLOCK)))
+    build(files, cfg, key, work, previous, held, log, bar, workers, _tokenizer_meta)
 
 
 def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: Path | None, held: HeldLock,
@@ -130,17 +143,20 @@ def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: P
         bad_utf8=dict(replaced=sum(stats.bad_utf8.values()), files=stats.bad_utf8),
         skipped=stats.skipped,
         train_tokens=state["train.bin"] // dtype.itemsize, val_tokens=state["val.bin"] // dtype.itemsize,
-        dtype=dtype.name, sha256=digests,
-        tokenizer=dict(kind=tok.kind, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
-                       add_bos=tok.add_bos, fingerprint=tok.fingerprint,
-                       describe=(given_tokenizer(cfg) if cfg.tokenizer else tok).describe(),  # with its reasons
-                       source=str(cfg.tokenizer) if cfg.tokenizer else "trained on this corpus",
-                       files={name: (work / name).stat().st_size for name in tok.files}),
+        dtype=dtype.name, sha256=digests, tokenizer=_tokenizer_meta(tok, cfg, work),
         seconds=time.time() - t0, workers=workers, host=socket.gethostname())
     (work / "meta.json").write_text(json.dumps(meta, indent=1))
     stamp(work, corpus=True, seconds=0.0)  # the checksums were computed from the corpus just now
     (work / STATE).unlink()
     (work / "DONE").touch()
+
+
+def _tokenizer_meta(tok, cfg: DataConfig, work: Path) -> dict:
+    return dict(kind=tok.kind, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id, add_bos=tok.add_bos,
+                fingerprint=tok.fingerprint,
+                describe=(given_tokenizer(cfg) if cfg.tokenizer else tok).describe(),  # with its reasons
+                source=str(cfg.tokenizer) if cfg.tokenizer else "trained on this corpus",
+                files={name: (work / name).stat().st_size for name in tok.files})
 
 
 def _corpus_id(stats: Stats, cfg: DataConfig) -> str:

@@ -61,7 +61,7 @@ def stamp(path: Path, *, corpus: bool, seconds: float, found: str | None = None)
 def check(path: Path, corpus: bool, status: dict | None = None) -> str | None:
     """What is wrong with the cache's token files (and, with `corpus`, its corpus files), or None."""
     meta = json.loads((path / "meta.json").read_text())
-    for name in BINS:
+    for name in meta["sha256"]:  # train.bin, val.bin (and, for chat formats, their flags)
         if status is not None:
             status["stage"] = f"verifying {path / name}"
         if sha256_file(path / name) != meta["sha256"][name]:
