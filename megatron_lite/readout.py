@@ -33,12 +33,13 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.pin_memory().to(device, non_blocking=True)
 
 
-_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
+_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu")  # (.numpy() refuses a CUDA
+# tensor: it reads host memory only)
 
 
 class HostReadCounter:
     """`with HostReadCounter() as reads: ...` records, in `reads.calls`, each Tensor method call that reads a
-    value on the host (`item`, `tolist`, `float(t)`, `bool(t)`, `.numpy()`, `.cpu()`) made from megatron-lite's
+    value on the host (`item`, `tolist`, `float(t)`, `int(t)`, `bool(t)`, `.cpu()`) made from megatron-lite's
     own source files, as (file:line, method, phase). `phase` is what `mark(phase)` last set (e.g. the step)."""
 
     def __init__(self):
