@@ -354,10 +354,10 @@ def test_the_watchdog_gives_an_armed_phase_its_own_timeout():
 
     from megatron_lite.resilience import HangWatchdog
     fired = []
-    dog = HangWatchdog(0.2, lambda phase, ns: fired.append(phase))
+    dog = HangWatchdog(0.1, lambda phase, ns: fired.append(phase))
     try:
-        dog.arm("step 1", timeout_s=3.0)  # compiling: longer than hang_timeout_s
-        time.sleep(0.6)
+        dog.arm("step 1", timeout_s=2.0)  # compiling: longer than hang_timeout_s
+        time.sleep(0.5)
         assert fired == []
         dog.arm("step 2")  # back to the default
         deadline = time.monotonic() + 5
