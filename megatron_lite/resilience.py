@@ -158,22 +158,27 @@ class TimeLimit:
 
 
 class HangWatchdog:
-    """A daemon thread that reports and exits when the armed phase makes no progress for `timeout_s`.
+    """A daemon thread that reports and exits when the armed phase makes no progress for `timeout_s` (or the
+    phase's own timeout: a compiling first step).
 
     `arm()` only writes the deadline; the thread sleeps until the deadline it last saw and, finding it moved,
-    sleeps again: about one wake-up per timeout, nothing per step."""
+    sleeps again: about one wake-up per timeout, nothing per step. Only a deadline earlier than the one the
+    thread sleeps on (the step after a compiling one) wakes it."""
 
     def __init__(self, timeout_s: float, report):
         self.timeout_s, self._report = timeout_s, report
         self.phase, self.armed_ns = "", 0
         self._deadline: float | None = None
-        self._stop = threading.Event()
+        self._stop, self._earlier = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
         self._thread.start()
 
     def arm(self, phase: str, timeout_s: float | None = None) -> None:
         self.phase, self.armed_ns = phase, time.time_ns()
-        self._deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        deadline, previous = time.monotonic() + (timeout_s or self.timeout_s), self._deadline
+        self._deadline = deadline
+        if previous is not None and deadline < previous:
+            self._earlier.set()
 
     def disarm(self) -> None:
         self._deadline = None
@@ -183,13 +188,15 @@ class HangWatchdog:
             deadline = self._deadline
             wait = self.timeout_s if deadline is None else deadline - time.monotonic()
             if wait > 0:
-                self._stop.wait(wait)
+                self._earlier.wait(wait)
+                self._earlier.clear()
             elif deadline == self._deadline:  # expired, and the loop did not re-arm meanwhile
                 self._report(self.phase, self.armed_ns)
                 return
 
     def close(self) -> None:
         self._stop.set()
+        self._earlier.set()
         self._thread.join(timeout=5)
 
 
