@@ -131,6 +131,21 @@ def compile_graphs(ctx, kw: dict, sp: bool) -> dict:
                 block_breaks=block.graph_break_count, reasons=[b.reason[:200] for b in whole.break_reasons])
 
 
+def train_losses(ctx, kw: dict, sp: bool, steps: int, backend: str | None = None) -> list[float]:
+    """The losses of `steps` AdamW steps of GPT(kw) on ctx, eagerly or torch.compile'd with `backend`."""
+    model = GPT(GPTConfig(**kw, sequence_parallel=sp), ctx)
+    opt = build_optimizer(model, OPTIM, ctx)
+    forward = torch.compile(model, backend=backend) if backend else model
+    losses = []
+    for step in range(steps):
+        loss = forward(*tokens(kw, seed=step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def readiness_worker(device, kw: dict, micro_batch: int) -> dict:
     """Section 10 on 4 processes: build at T=1 and T=2, the cross-entropy at T=2, DDP at DP=4, a zero=1 checkpoint
     at DP=4, compile at T=2 + SP."""

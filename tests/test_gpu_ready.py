@@ -79,21 +79,9 @@ def _compile(out: dict) -> None:
         if ctx is not None:
             res[(T, name, sp)] = readiness.compile_graphs(ctx, kw, sp)
     # a compiled train step computes the eager losses (dynamo's graphs run eagerly: the capture is what is tested)
-    for T, ctx, kw, sp in ((2, two, LLAMA, True),):
-        torch._dynamo.reset()
-        losses = {}
-        for mode in ("eager", "compiled"):
-            model = GPT(GPTConfig(**kw, sequence_parallel=sp), ctx)
-            opt = build_optimizer(model, OPTIM, ctx)
-            forward = torch.compile(model, backend="eager") if mode == "compiled" else model
-            losses[mode] = []
-            for step in range(2):
-                loss = forward(*readiness.tokens(kw, seed=step))
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses[mode].append(loss.item())
-        res["losses"] = losses
+    torch._dynamo.reset()
+    res["losses"] = {mode: readiness.train_losses(two, LLAMA, True, 2, backend) for mode, backend in
+                     (("eager", None), ("compiled", "eager"))}
     if dist.get_rank() == 0:
         out["compile"] = res
 
@@ -288,18 +276,8 @@ def _aot_compile(out_path: str) -> None:
     """torch.compile with AOTAutograd (backend aot_eager): the backward, functional collectives included, traced
     into the graph too; a Llama at T=2 + SP trains as eagerly, to float32 rounding."""
     ctx = build_parallel_context(2)
-    losses = {}
-    for mode in ("eager", "aot_eager"):
-        model = GPT(GPTConfig(**LLAMA, sequence_parallel=True), ctx)
-        opt = build_optimizer(model, OPTIM, ctx)
-        forward = torch.compile(model, backend="aot_eager") if mode == "aot_eager" else model
-        losses[mode] = []
-        for step in range(3):
-            loss = forward(*readiness.tokens(LLAMA, seed=step))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[mode].append(loss.item())
+    losses = {mode: readiness.train_losses(ctx, LLAMA, True, 3, backend) for mode, backend in
+              (("eager", None), ("aot_eager", "aot_eager"))}
     if dist.get_rank() == 0:
         Path(out_path).write_bytes(pickle.dumps(losses))
 
