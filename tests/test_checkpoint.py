@@ -193,7 +193,8 @@ def test_worker_killed_mid_run_restarts_and_matches(ref, tmp_path, zero):
               f"{max(abs(a - b) / b for a, b in zip(losses(run).values(), losses(ref).values())):.1e}")
         mem = re.search(r"optimizer state per rank: [\d.]+ MiB measured \(([\d,]+) bytes\), theory .* = "
                         r"([\d,]+) bytes", log)
-        assert mem and mem[1] == mem[2] == "742,656", log  # 8 x 185,664 local parameters / DP 2 (no padding here)
+        # theory 8 x 185,664 local parameters / DP 2; measured with the buckets' padding to lcm(DP, 128): 64 more
+        assert mem and (mem[1], mem[2]) == ("742,912", "742,656"), log
         print(mem[0])
     assert ckpt_names(run) == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]
 
