@@ -238,9 +238,9 @@ def _rng_to_load(saved: dict, path: Path, model, ctx, log) -> dict[str, str]:
         kinds = sorted({k.split(".")[1] for k in saved if k.startswith("rng.")} - {"shared", "tp"})
         step = read_meta(path).get("step", 0) if (path / "meta.json").is_file() else 0
         model.rng = RNGTracker(model.config.seed + 1000003 * (step + 1), ctx.tp_rank, ctx.device)
-        log(f"checkpoint {path}: its dropout RNG streams come from another kind of device "
-            f"({', '.join(kinds) or 'not cpu'}; this run: {ctx.device.type}): reseeded them from model.seed and "
-            f"step {step}")
+        saved_on = ", ".join(kinds) or "not named, of another size: an older checkpoint's"
+        log(f"checkpoint {path}: its dropout RNG streams come from another kind of device ({saved_on}; this run: "
+            f"{ctx.device.type}): reseeded them from model.seed and step {step}")
     return found
 
 
