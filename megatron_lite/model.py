@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .context_parallel import Ring, RingPlan, ring_attention
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
                               gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
@@ -145,9 +146,14 @@ class GPTConfig:
 class GPT(nn.Module):
     """A GPT (GPT-2 or Llama family) whose weights are split over the TP group of `ctx` (`ParallelContext`).
 
-    forward(tokens [B, S], targets [B, S] or None, cache=None): the mean loss over non-ignored targets, or
-    this rank's vocab shard of the logits `[B, S, Vt]` (Vt = padded vocab / T) when no targets are given.
-    With a `KVCache` (inference, SP off) the tokens continue the cached sequence."""
+    forward(tokens [B, S], targets [B, S] or None, cache=None, positions=None): the mean loss over non-ignored
+    targets, or this rank's vocab shard of the logits `[B, S, Vt]` (Vt = padded vocab / T) when no targets are
+    given. With a `KVCache` (inference, SP off) the tokens continue the cached sequence. `positions` (`[S]` or
+    `[B, S]`): each token's true position (default: 0..S-1 after the cache).
+
+    Under context parallelism (ctx.cp_size = C > 1) tokens and targets are this CP rank's S/C tokens of each
+    window (context_parallel.shard_sequence; positions default to their places in the window) and attention is
+    ring attention over the CP group; `context_parallel_off()` runs whole sequences on one rank (generation)."""
 
     def __init__(self, config: GPTConfig, ctx, init_weights: bool = True):
         super().__init__()
@@ -175,13 +181,25 @@ class GPT(nn.Module):
             init_method=normal, **kw)
         self.to(ctx.device)
         self.rng = RNGTracker(c.seed, ctx.tp_rank, ctx.device)
+        self.cp_ring = Ring(ctx.cp_group) if ctx.cp_size > 1 else None  # None: attention sees whole sequences
         # Under SP the replicated parameters (norms, row-parallel biases, position embeddings) see only this
         # rank's tokens: optim.finalize_model_grads sums their gradients over TP once per optimizer step.
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None):
         c, ctx = self.config, self.ctx
         S = tokens.shape[1]
         start = cache.length if cache is not None else 0
+        ring = None  # context parallelism: which K/V blocks each ring step attends to, from every token's position
+        if self.cp_ring is not None:
+            if cache is not None or S % 2:
+                raise ValueError(f"context parallelism needs this rank's two chunks of a window (got {S} tokens"
+                                 f"{' and a KV cache' if cache is not None else ''}): use model.context_parallel_off()")
+            ring = (RingPlan.load_balanced(self.cp_ring, S, tokens.device) if positions is None else
+                    RingPlan.gathered(self.cp_ring, positions))
+            positions = ring.positions
+        elif positions is None:
+            positions = torch.arange(start, start + S, device=tokens.device)
         if c.position_embedding == "learned" and start + S > c.seq_len:
             raise ValueError(f"position {start + S - 1} is past the learned positions (model.seq_len={c.seq_len})")
         sp, group, T = c.sequence_parallel, ctx.tp_group, ctx.tp_size
@@ -191,17 +209,17 @@ class GPT(nn.Module):
         x_SBH = self.wte(tokens.t())
         if c.position_embedding == "learned":
             # Under SP each rank holds the sequence block [r*S/T, (r+1)*S/T) from the embedding to the head.
-            first = ctx.tp_rank * (S // T) if sp else start
-            x_SBH = x_SBH + self.wpe(torch.arange(first, first + x_SBH.shape[0], device=tokens.device)).unsqueeze(1)
+            mine = positions.narrow(-1, ctx.tp_rank * (S // T), S // T) if sp else positions
+            x_SBH = x_SBH + (self.wpe(mine).unsqueeze(1) if mine.dim() == 1 else self.wpe(mine.t()))
             rope = None
         else:  # rotary: the whole sequence's positions, applied after the QKV layer's SP all-gather
-            rope = self.rotary(torch.arange(start, start + S, device=tokens.device))
+            rope = self.rotary(positions)
         x_SBH = _residual_dropout(x_SBH, c, self.rng, self.training)
         for block in self.blocks:
             if c.recompute == "full" and self.training:
-                x_SBH = checkpoint(block, self.rng, x_SBH, self.rng, rope)
+                x_SBH = checkpoint(block, self.rng, x_SBH, self.rng, rope, None, ring)
             else:
-                x_SBH = block(x_SBH, self.rng, rope, cache)
+                x_SBH = block(x_SBH, self.rng, rope, cache, ring)
         if cache is not None:
             cache.length += S
         x_SBH = self.ln_f(x_SBH)
@@ -223,6 +241,16 @@ class GPT(nn.Module):
         local = sum(p.numel() for p in self.parameters())
         full = sum(p.numel() * (T if tp_partition_dim(p) is not None else 1) for p in self.parameters())
         return full, local
+
+    @contextlib.contextmanager
+    def context_parallel_off(self):
+        """Run the block on whole sequences, attention on this rank alone (generation); the weights, the same on
+        every CP rank, are untouched."""
+        ring, self.cp_ring = self.cp_ring, None
+        try:
+            yield self
+        finally:
+            self.cp_ring = ring
 
     @contextlib.contextmanager
     def sequence_parallel_off(self):
@@ -252,9 +280,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(c)
         self.mlp = (SwiGLUMLP if c.mlp == "swiglu" else GeluMLP)(c, kw, normal, residual_out)
 
-    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None):
+    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None, ring: RingPlan | None = None):
         c = self.config
-        x_SBH = x_SBH + _residual_dropout(self.attn(self.ln_1(x_SBH), rng, rope, cache), c, rng, self.training)
+        x_SBH = x_SBH + _residual_dropout(self.attn(self.ln_1(x_SBH), rng, rope, cache, ring), c, rng, self.training)
         return x_SBH + _residual_dropout(self.mlp(self.ln_2(x_SBH)), c, rng, self.training)
 
 
@@ -272,7 +300,7 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias,
                                       init_method=residual_out, **kw)
 
-    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None):
+    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None, ring: RingPlan | None = None):
         c, Q = self.config, self.q_per_group
         qkv_SBX = self.qkv(x_SBH)
         S, B, _ = qkv_SBX.shape
@@ -286,13 +314,16 @@ class Attention(nn.Module):
             mask = cache.mask(S, x_SBH.device)
             k_BGtSD, v_BGtSD = cache.update(self.layer, k_BGtSD, v_BGtSD)
         if c.recompute == "selective" and self.training:
-            y_BNtSD = checkpoint(self._core, rng, q_BNtSD, k_BGtSD, v_BGtSD, rng)
+            y_BNtSD = checkpoint(self._core, rng, q_BNtSD, k_BGtSD, v_BGtSD, rng, None, ring)
         else:
-            y_BNtSD = self._core(q_BNtSD, k_BGtSD, v_BGtSD, rng, mask)
+            y_BNtSD = self._core(q_BNtSD, k_BGtSD, v_BGtSD, rng, mask, ring)
         return self.proj(y_BNtSD.permute(2, 0, 1, 3).reshape(S, B, -1))
 
-    def _core(self, q, k, v, rng: RNGTracker, mask=None):
-        """SDPA; a KV head serves the Q query heads of its group (`enable_gqa`, HF's `repeat_kv`)."""
+    def _core(self, q, k, v, rng: RNGTracker, mask=None, ring: RingPlan | None = None):
+        """SDPA; a KV head serves the Q query heads of its group (`enable_gqa`, HF's `repeat_kv`). Under context
+        parallelism, ring attention over the CP group (no attention dropout: config.validate refuses it)."""
+        if ring is not None:
+            return ring_attention(q, k, v, ring)
         p = self.config.dropout if self.training else 0.0
         causal = mask is None
         with rng.fork(TP):  # each rank's heads are different heads: distinct masks
@@ -366,8 +397,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `[S]` -> cos, sin `[S, D]`; `[B, S]` (per sequence) -> `[B, 1, S, D]` (broadcast over heads)."""
         freqs_SD2 = positions.float().unsqueeze(-1) * self.inv_freq.float()
         emb_SD = torch.cat((freqs_SD2, freqs_SD2), dim=-1)
+        if emb_SD.dim() == 3:
+            emb_SD = emb_SD.unsqueeze(1)
         return emb_SD.cos(), emb_SD.sin()
 
 

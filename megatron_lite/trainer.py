@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer
 from .config import Config, gpt_config, grad_accum_steps
+from .context_parallel import shard_sequence
 from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, make_sampler, prepare_corpus
 from .generate import generate
 from .hf import architecture, is_hf_model_dir, read_hf_config
@@ -100,6 +101,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         for micro in range(accum):
             x, y = train_data.batch(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
                                                       ctx.dp_rank, ctx.dp_size))
+            x, y = shard_sequence(x, ctx), shard_sequence(y, ctx)  # CP: this rank's chunks of each window
             sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
             with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
                 loss = forward(x.to(ctx.device), y.to(ctx.device))
@@ -153,6 +155,7 @@ def _evaluate(model: GPT, data: WindowSampler, cfg: Config, ctx: ParallelContext
         for micro in range(accum):
             x, y = data.batch(dp_sample_indices(it * cfg.train.global_batch_size, micro,
                                                 cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size))
+            x, y = shard_sequence(x, ctx), shard_sequence(y, ctx)
             with autocast:
                 total += model(x.to(ctx.device), y.to(ctx.device))
     model.train()
@@ -170,10 +173,11 @@ def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger
 
 
 def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
+    """The mean over DP x CP of a per-rank mean (under CP each rank's loss covers its S/C tokens)."""
     value = value.detach().float().clone()
-    if ctx.dp_size > 1:
-        dist.all_reduce(value, group=ctx.dp_group)
-    return value.item() / ctx.dp_size
+    if ctx.dp_cp_size > 1:
+        dist.all_reduce(value, group=ctx.dp_cp_group)
+    return value.item() / ctx.dp_cp_size
 
 
 def _autocast(cfg: Config, ctx: ParallelContext):
