@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,3 +30,18 @@ def _worker(rank, world_size, port, fn, args):
 def run_distributed(fn, world_size: int, *args) -> None:
     """Call fn(*args) on `world_size` gloo ranks; a failure on any rank fails the caller with its traceback."""
     mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def _collect(out_path: str, root: str, steps) -> None:
+    out: dict = {}
+    for step in steps:
+        step(out, Path(root))
+    if dist.get_rank() == 0:
+        Path(out_path).write_bytes(pickle.dumps(out))
+
+
+def run_world(steps, world_size: int, root: Path) -> dict:
+    """Call each step(out, root) in turn on `world_size` gloo ranks, every rank the same `root` directory;
+    return rank 0's `out` dict (the findings the tests assert on)."""
+    run_distributed(_collect, world_size, str(root / "out.pkl"), str(root), steps)
+    return pickle.loads((root / "out.pkl").read_bytes())

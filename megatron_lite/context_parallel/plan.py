@@ -100,8 +100,8 @@ def _kind(qp, kp, qd, kd) -> tuple[str, torch.Tensor | None]:
         if qp.shape == kp.shape and torch.equal(qp, kp) and bool((qp.diff(dim=-1) > 0).all()):
             return CAUSAL, None
     mask = qp[:, :, None] >= kp[:, None, :]
-    if qd is not None:
-        mask &= qd[:, :, None] == kd[:, None, :]
+    if qd is not None:  # positions may be shared by the batch ([1, n]) while documents are per sequence
+        mask = mask & (qd[:, :, None] == kd[:, None, :])
     if not mask.any():
         return SKIP, None
     if mask.all():
