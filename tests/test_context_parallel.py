@@ -17,7 +17,9 @@ The end-to-end case (torchrun: save at CP=2, resume bitwise, load at CP=1) is at
 """
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cli import SMALL, losses, metrics, torchrun
+from cli import ROOT, SMALL, TORCHRUN, env, losses, metrics, torchrun
 from distributed import run_world
 from megatron_lite.checkpoint import load_state
 from megatron_lite.comm_count import CollectiveCounter
@@ -264,3 +266,45 @@ def test_cp2_run_resumes_bitwise_and_loads_on_one_process(cp2_run, tmp_path):
     for step in got:
         assert _rel(got[step], want[step]) < RTOL, (got, want)
     assert _rel([m["val_loss"] for m in metrics(one) if "val_loss" in m][0], val[0]) < RTOL
+
+
+@pytest.mark.slow  # the in-process world loads the CP=2 checkpoint at CP=4 (and DP2 x CP2) already
+def test_cp2_run_loads_at_cp4(cp2_run, tmp_path):
+    run = tmp_path / "cp4"
+    torchrun(4, *E2E, "parallel.cp=4", f"checkpoint.load={cp2_run / 'checkpoints' / 'step_0000002'}", f"run_dir={run}")
+    got, want = losses(run), losses(cp2_run)
+    assert "CP groups: [0, 1, 2, 3]" in (run / "train.log").read_text()
+    assert sorted(got) == [3, 4] and all(_rel(got[s], want[s]) < RTOL for s in got), (got, want)
+
+
+@pytest.mark.slow  # test_hang_report_names_the_ring_transfer_and_the_stalled_peer checks the report in-process
+def test_hang_in_ring_attention_names_the_stalled_rank(tmp_path):
+    run = tmp_path / "run"
+    # GPT-2 (no buffers: DDP broadcasts a Llama's RoPE frequencies before every forward) and step 3 (step 2
+    # begins with DDP's one-time broadcast of its bucket order): the first thing rank 0 waits for is the ring
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), *SMALL, "parallel.cp=2",
+           "train.steps=20", "train.hang_timeout_s=6", f"run_dir={run}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "MEGATRON_LITE_FAULT": "stall:rank=1:step=3:seconds=120"},
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    summary = re.findall(r"^error: hang in step 3: .*$", out, re.M)
+    assert proc.returncode != 0 and "exitcode  : 3" in out and len(summary) == 1, out[-4000:]
+    print("\n" + summary[0])
+    assert "rank 1 is behind: not in a collective, at megatron_lite/resilience.py" in summary[0]
+    assert "waiting: rank 0 in recv of a K/V block" in summary[0] and "from rank 1 over CP ranks [0, 1]" in summary[0]
+
+
+@pytest.mark.slow
+def test_hf_checkpoint_load_at_cp2_trains_like_one_process(cp2_run, tmp_path):
+    """A random HF Llama (GQA, RoPE) as checkpoint.load, tokenized with the CP=2 run's tokenizer: 2 steps at
+    DP1 x CP2 give the single process's losses."""
+    from test_hf import _llama
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    _llama(4, 2, vocab_size=4096, max_position_embeddings=128).save_pretrained(hf_dir)
+    args = [*E2E, "train.steps=2", f"checkpoint.load={hf_dir}",
+            f"data.tokenizer={cp2_run / 'checkpoints' / 'step_0000002' / 'tokenizer.model'}"]
+    torchrun(2, *args, "parallel.cp=2", f"run_dir={tmp_path / 'cp2'}")
+    python_train(*args, f"run_dir={tmp_path / 'one'}")
+    got, want = losses(tmp_path / "cp2"), losses(tmp_path / "one")
+    assert sorted(got) == [1, 2] and all(_rel(got[s], want[s]) < RTOL for s in got), (got, want)
