@@ -40,7 +40,8 @@ from megatron_lite.parallel import build_parallel_context
 from test_checkpoint import python_train
 from test_zero import OPTIM, _rel, _save, all_max, broadcast, build, max_rel_err, train
 
-from benchmarks.theory import ring_attention_sends
+from benchmarks.context_parallel import memory_worker
+from benchmarks.theory import adapted_activation_bytes, ring_attention_sends
 
 WORLD, STEPS = 4, 8
 GPT2 = dict(vocab_size=200, seq_len=32, num_layers=2, hidden_size=32, num_heads=4, dropout=0.0, seed=7)
@@ -181,9 +182,17 @@ def _hang_report(out: dict, root: Path) -> None:
         out["hang"] = dict(summary=lines, report=(root / "rank_0.txt").read_text())
 
 
+def _memory(out: dict, root: Path) -> None:
+    """make bench's section 10 worker: bytes saved for backward per layer and per forward on a CP rank."""
+    r = memory_worker(torch.device("cpu"), GPT2, B, [1, 2, 4], ["none", "selective", "full"])
+    if dist.get_rank() == 0:
+        out["memory"] = r
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    return run_world([_attention, _training, _checkpoints, _hang_report], WORLD, tmp_path_factory.mktemp("cp"))
+    steps = [_attention, _training, _checkpoints, _hang_report, _memory]
+    return run_world(steps, WORLD, tmp_path_factory.mktemp("cp"))
 
 
 # ---- the tests -------------------------------------------------------------------------------------------
@@ -220,6 +229,9 @@ def test_trains_like_one_process(world, layout, model):
         assert _rel(r["losses"][step], r["ref_losses"][step]) < RTOL, (step, r["losses"], r["ref_losses"])
         assert _rel(r["norms"][step], r["ref_norms"][step]) < RTOL, (step, r["norms"], r["ref_norms"])
     assert r["weight_err"] < RTOL, r["weight_err"]  # every weight, on every rank, after 8 AdamW steps
+    print(f"\n{model} at {layout}: max relative difference over 8 steps: loss "
+          f"{max(map(_rel, r['losses'], r['ref_losses'])):.1e}, grad norm {max(map(_rel, r['norms'], r['ref_norms'])):.1e}, "
+          f"weights {r['weight_err']:.1e}")
 
 
 def test_cp2_checkpoint_resumes_bitwise_and_loads_at_cp1_cp4_and_dp2(world):
@@ -228,6 +240,18 @@ def test_cp2_checkpoint_resumes_bitwise_and_loads_at_cp1_cp4_and_dp2(world):
     for (dp, cp), got in c["cells"].items():
         for a, b in zip(got, c["ref_losses"]):
             assert _rel(a, b) < RTOL, f"DP{dp} x CP{cp}: losses {got} vs uninterrupted {c['ref_losses']}"
+
+
+def test_activation_memory_per_rank_equals_the_formula_at_s_over_c_and_falls_as_1_over_c(world):
+    s, h, a = GPT2["seq_len"], GPT2["hidden_size"], GPT2["num_heads"]
+    base = {r["recompute"]: r for r in world["memory"] if r["cp"] == 1}
+    assert len(world["memory"]) == 9
+    for r in world["memory"]:
+        C, rc = r["cp"], r["recompute"]
+        assert r["bytes"] == adapted_activation_bytes(s // C, B, h, a, 4 * h, recompute=rc), r
+        assert r["bytes"] * C == base[rc]["bytes"], r
+        # the whole forward too, but for a few scalars (the loss's token count) that do not scale
+        assert abs(r["forward_bytes"] * C - base[rc]["forward_bytes"]) <= 16 * C, r
 
 
 def test_hang_report_names_the_ring_transfer_and_the_stalled_peer(world):
