@@ -1,4 +1,4 @@
-"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,...,10]`.
+"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,...,11]`.
 
 1. against the peer: train-step time of megatron-lite / PyTorch-native TP (DTensor), T=2, SP off and on
 2. communication: every collective of a train step, counted, against the Megatron analysis (theory.py)
@@ -15,7 +15,9 @@
 9. data preparation: throughput per worker against the tokenizer's own encode speed (sentencepiece and a Hugging
    Face tokenizer), 1 vs 2 workers; a single 50 MB line's peak memory against ordinary text's; peak
    memory and time of preparing a ~100 MB and a ~400 MB corpus (the stdlib source, repeated)
-10. ready for GPUs, measured on CPU: start-up with and without the weights' draw (a resume), the cross-entropy's
+10. context parallelism (benchmarks/context_parallel.py): activation memory per rank against the formula at
+   C = 1, 2, 4; ring traffic per layer against theory; a sequence that fits a memory budget only at C = 4
+11. ready for GPUs, measured on CPU: start-up with and without the weights' draw (a resume), the cross-entropy's
    peak bytes, DDP's bytes per parameter, a zero=1 checkpoint's allocations, torch.compile's graphs; the GPU
    itself: `make gpu-check` (benchmarks/gpu_check.py)
 
@@ -37,7 +39,7 @@ import torch
 
 from megatron_lite.resilience import FLIGHT_RECORDER_ENTRIES
 
-from . import data_prep, guards, measure, readiness, theory, zero
+from . import context_parallel, data_prep, guards, measure, readiness, theory, zero
 from .launch import launch
 
 BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_heads=8, dropout=0.0, seed=0)
@@ -478,7 +480,7 @@ def section_data(rep: Report, args) -> dict:
 
 def section_readiness(rep: Report, args, kw) -> dict:
     b = args.micro_batch
-    rep(f"== 10. ready for GPUs, measured on CPU (issue 19), 4 processes, {shape_str(kw, b)}; the GPU itself: "
+    rep(f"== 11. ready for GPUs, measured on CPU (issue 19), 4 processes, {shape_str(kw, b)}; the GPU itself: "
         f"make gpu-check")
     r = launch(readiness.readiness_worker, 4, kw, b)
     rows = [[T, f"{x['params'] / 1e6:.2f}M", f"{x['drawn_s']:.3f}", f"{x['skipped_s']:.3f}",
@@ -512,7 +514,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
     p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated subset of 1..10")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated subset of 1..11")
     p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
@@ -566,6 +568,8 @@ def main(argv=None) -> dict:
     if 9 in sections:
         result["data"] = section_data(rep, args)
     if 10 in sections:
+        result["context_parallel"] = context_parallel.section(rep, args)
+    if 11 in sections:
         result["readiness"] = section_readiness(rep, args, kw)
     info["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0

@@ -61,7 +61,7 @@ def generate(model, ids: list[int], max_new_tokens: int, *, temperature: float =
     out = list(ids)
     start = max(0, len(out) - c.seq_len)
     cache, fed = None, 0  # tokens of out[start:] already in the cache
-    with model.sequence_parallel_off():  # sequences that grow a token at a time
+    with model.sequence_parallel_off(), model.context_parallel_off():  # sequences that grow a token at a time
         for _ in range(max_new_tokens):
             if len(out) - start > c.seq_len:
                 start, cache = len(out) - c.seq_len // 2, None
