@@ -97,8 +97,11 @@ def _stacks() -> tuple[str, str]:
     return "\n".join(out), where
 
 
-def write_report(hang_dir: Path, ctx, launch: int, phase: str, armed_ns: int, timeout_s: float, say) -> None:
-    """This rank's report; then rank 0 summarizes while the others wait for its summary (bounded)."""
+def write_report(hang_dir: Path, ctx, launch: int, phase: str, armed_ns: int, timeout_s: float, say,
+                 p2p: str | None = None) -> None:
+    """This rank's report; then rank 0 summarizes while the others wait for its summary (bounded).
+    `p2p`: the pipeline exchange the main thread waits in (sends and receives, with their peers), which the
+    flight recorder does not record on gloo."""
     now_ns = time.time_ns()
     entries, total = _recorded()
     ranks = _group_ranks()
@@ -107,16 +110,16 @@ def write_report(hang_dir: Path, ctx, launch: int, phase: str, armed_ns: int, ti
     waiting = [e for e in flying if str(e.get("thread_id")) == main] or flying
     stacks, where = _stacks()
     fact = dict(rank=ctx.rank, launch=launch, phase=phase, stalled_s=round((now_ns - armed_ns) / 1e9, 1),
-                waiting=describe(waiting[0], ranks, now_ns, brief=True) if waiting else None, where=where,
+                waiting=p2p or (describe(waiting[0], ranks, now_ns, brief=True) if waiting else None), where=where,
                 issued_total=total, issued_phase=sum(e["time_created_ns"] >= armed_ns for e in entries),
                 host=socket.gethostname(), pid=os.getpid())
-    lines = [f"rank {ctx.rank} of {ctx.world_size} (DP rank {ctx.dp_rank}, TP rank {ctx.tp_rank}) on {fact['host']}, "
-             f"pid {fact['pid']}",
+    lines = [f"rank {ctx.rank} of {ctx.world_size} (DP rank {ctx.dp_rank}, TP rank {ctx.tp_rank}, pipeline stage "
+             f"{ctx.pp_rank}) on {fact['host']}, pid {fact['pid']}",
              f"hang in {phase}: no progress for {fact['stalled_s']} s (train.hang_timeout_s={timeout_s:g})",
              f"collectives issued: {total} in all, {fact['issued_phase']} in {phase}"
              + (" (flight recorder off: TORCH_FR_BUFFER_SIZE=0)" if not entries and not total else ""),
-             "waiting in: " + (describe(waiting[0], ranks, now_ns) if waiting else
-                               f"no collective: this rank is running its own code, at {where}"),
+             "waiting in: " + (p2p or (describe(waiting[0], ranks, now_ns) if waiting else
+                                      f"no collective: this rank is running its own code, at {where}")),
              "", f"in flight ({len(flying)}):", *(f"  {describe(e, ranks, now_ns)}" for e in flying),
              "", "last collectives (oldest first):", *(f"  {describe(e, ranks, now_ns)}" for e in entries[-12:]),
              "", "Python stacks, every thread (most recent call last):", stacks]

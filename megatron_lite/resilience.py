@@ -208,7 +208,7 @@ class RunGuard:
     def __init__(self, cfg):
         self.cfg, self.t = cfg, cfg.train
         self.started = time.monotonic()
-        self.log = self.signals = self.watchdog = None
+        self.log = self.signals = self.watchdog = self.p2p = None
         if self.t.hang_timeout_s:
             collective_trace_on()
 
@@ -226,6 +226,11 @@ class RunGuard:
         self._phase, self._phase_start = "", time.monotonic()
         self._iteration_start = None
         return self.agreement
+
+    def watch_p2p(self, p2p) -> None:
+        """The pipeline's point-to-point communication (pipeline_parallel.p2p.P2P), whose waits the flight
+        recorder does not see: a hang report names the exchange and the peer a rank waits for."""
+        self.p2p = p2p
 
     def arm(self, phase: str) -> None:
         """Start a phase ("step N", "evaluation", "checkpoint save"): the hang timeout counts from here."""
@@ -290,7 +295,7 @@ class RunGuard:
         """The watchdog expired: write this rank's report, let rank 0 summarize, exit 3 (whatever happens)."""
         try:
             write_report(Path(self.cfg.run_dir) / "hang", self.ctx, self.launch, phase, armed_ns,
-                         self.t.hang_timeout_s, self.log.info)
+                         self.t.hang_timeout_s, self.log.info, p2p=self.p2p and self.p2p.waiting())
         except Exception as e:  # noqa: BLE001 -- a hang must end the job even without its report
             print(f"rank {self.ctx.rank}: hang in {phase}, and its report failed: {e!r}", file=sys.stderr)
         finally:
