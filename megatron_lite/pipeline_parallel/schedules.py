@@ -67,9 +67,10 @@ class Message:
 
 @dataclass(frozen=True)
 class Exchange:
-    """The messages one rank sends and receives in one tick, posted together and waited for together."""
+    """The messages one rank sends and receives in tick `tick`, posted together and waited for together."""
     sends: tuple[Message, ...]
     recvs: tuple[Message, ...]
+    tick: int
 
 
 Action = Compute | Exchange
@@ -147,6 +148,7 @@ def build_programs(schedule: str, P: int, V: int, m: int, forward_only: bool = F
     position = [0] * P
     arrived: list[set[tuple[str, int, int]]] = [set() for _ in range(P)]  # (kind, micro-batch, virtual stage)
     forwarded: list[set[tuple[int, int]]] = [set() for _ in range(P)]
+    tick = 0
     while any(position[s] < len(orders[s]) for s in range(P)):
         sent, ran = [], False
         for s in range(P):
@@ -176,7 +178,8 @@ def build_programs(schedule: str, P: int, V: int, m: int, forward_only: bool = F
             sends = tuple(msg for msg in sent if msg.src % P == s)
             recvs = tuple(msg for msg in sent if msg.dst % P == s)
             if sends or recvs:
-                programs[s].append(Exchange(sends, recvs))
+                programs[s].append(Exchange(sends, recvs, tick))
         for msg in sent:
             arrived[msg.dst % P].add((msg.kind, msg.microbatch, msg.dst))
+        tick += 1
     return programs
