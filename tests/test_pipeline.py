@@ -29,6 +29,9 @@ import math
 import pickle
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import types
 from dataclasses import asdict
@@ -465,3 +468,73 @@ def test_end_to_end_export_of_a_pp_checkpoint_loads_in_transformers(e2e, tmp_pat
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     assert hf.config.n_layer == 2 and hf.config.tie_word_embeddings
+
+
+# ---- operations: a stop signal and a stalled stage (slow: test_resilience covers both at DP x TP) --------
+
+def _job(tmp: Path, run: Path, nproc: int, *args: str, extra_env: dict | None = None):
+    """`python -m megatron_lite.launch` (torchrun) of train.py, each worker wrapped by tests/as_worker.py."""
+    from cli import ROOT, env
+    rcs = tmp / "workers"
+    rcs.mkdir()
+    cmd = [sys.executable, "-m", "megatron_lite.launch", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "as_worker.py"), str(rcs), str(ROOT / "train.py"), *SMALL, f"run_dir={run}", *args]
+    with open(tmp / "torchrun.out", "w") as out:
+        agent = subprocess.Popen(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    return agent, rcs
+
+
+def _wait_for_step(run: Path, step: int, agent, timeout: float = 240) -> None:
+    from cli import loss_steps
+    deadline = time.monotonic() + timeout
+    while not ((run / "metrics.jsonl").exists() and step in loss_steps(run)):
+        assert agent.poll() is None and time.monotonic() < deadline, f"no step {step}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_stage_at_the_same_step_with_a_checkpoint(tmp_path):
+    from cli import end_job, loss_steps
+    from megatron_lite.checkpoint import read_meta, verify
+    run = tmp_path / "run"
+    agent, rcs = _job(tmp_path, run, 4, "parallel.tp=2", "parallel.pp=2", "train.steps=20")
+    try:
+        _wait_for_step(run, 2, agent)
+        agent.send_signal(signal.SIGTERM)
+        rc = agent.wait(timeout=90)
+    finally:
+        end_job(agent)
+    out = (tmp_path / "torchrun.out").read_text()
+    exits = {int(p.stem.split("_")[1]): int(p.read_text()) for p in rcs.glob("rank_*.rc")}
+    assert rc == 0 and exits == {0: 0, 1: 0, 2: 0, 3: 0}, out[-3000:]
+    log = (run / "train.log").read_text()
+    stop = int(re.search(r"stopped at step (\d+)/20 \(SIGTERM received\); newest checkpoint", log)[1])
+    assert loss_steps(run) == list(range(1, stop + 1))  # the loss of every step, from the last stage, up to it
+    ckpt = run / "checkpoints" / f"step_{stop:07d}"
+    verify(ckpt)  # every stage wrote its shards of that one step
+    assert read_meta(ckpt)["layout"] == {"dp": 1, "tp": 2, "sp": True, "pp": 2, "pp_virtual": 1}
+
+
+@pytest.mark.slow
+def test_a_stalled_stage_is_named_by_the_hang_summary(tmp_path):
+    from cli import end_job
+    run, hang_s = tmp_path / "run", 6
+    agent, _ = _job(tmp_path, run, 2, "parallel.pp=2", "train.steps=20", f"train.hang_timeout_s={hang_s}",
+                    extra_env={"MEGATRON_LITE_FAULT": "stall:rank=1:step=2"})
+    try:
+        _wait_for_step(run, 1, agent)
+        rc = agent.wait(timeout=120)
+    finally:
+        end_job(agent)
+    out = (tmp_path / "torchrun.out").read_text()
+    assert rc != 0 and "exitcode  : 3" in out, out[-3000:]
+    summary = re.findall(r"^error: hang in step 2: .*$", out, re.M)
+    assert len(summary) == 1, out[-4000:]
+    print("\n" + summary[0])
+    assert "rank 1 is behind: not in a collective, at megatron_lite/resilience.py" in summary[0]
+    # rank 0 waits in a pipeline exchange with rank 1, which the flight recorder does not see on gloo
+    assert re.search(r"waiting: rank 0 in p2p (send|recv) of micro-batch \d's activation(s| gradients) "
+                     r"(to|from) rank 1 \(stage 1\)", summary[0]), summary[0]
+    text = (run / "hang" / "rank_0.txt").read_text()
+    assert "pipeline stage 0" in text and re.search(r"waiting in: p2p .* over the PP group \[0, 1\]", text), text[:2000]
