@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,3 +30,16 @@ def _worker(rank, world_size, port, fn, args):
 def run_distributed(fn, world_size: int, *args) -> None:
     """Call fn(*args) on `world_size` gloo ranks; a failure on any rank fails the caller with its traceback."""
     mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def _collect(fn, out_path: str, root: str) -> None:
+    out: dict = {}
+    fn(out, Path(root))
+    if dist.get_rank() == 0:
+        Path(out_path).write_bytes(pickle.dumps(out))
+
+
+def run_world(fn, world_size: int, root: Path) -> dict:
+    """Call fn(out, root) on `world_size` gloo ranks; return the dict rank 0 filled (picklable values)."""
+    run_distributed(_collect, world_size, fn, str(root / "out.pkl"), str(root))
+    return pickle.loads((root / "out.pkl").read_bytes())

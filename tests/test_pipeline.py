@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 import shutil
 import signal
@@ -43,14 +42,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from cli import SMALL, ckpt_names, losses, metrics, torchrun
-from distributed import run_distributed
+from distributed import run_world
+from test_checkpoint import ctx1  # noqa: F401 -- a fixture: a one-process context in the pytest process
 from test_pipeline_schedules import one_f_one_b_table
+from test_zero import _global_state as tp_gathered_state
 from megatron_lite.checkpoint import _full_state, load_state
 from megatron_lite.model import GPT, GPTConfig
 from megatron_lite.optim import build_optimizer
 from megatron_lite.parallel import build_parallel_context
 from megatron_lite.pipeline_parallel import PipelineExecutor, compute_order, in_flight_max, stage_chunks
-from megatron_lite.tensor_parallel import gather_tp_shards, tp_partition_dim
 
 WORLD = 4
 GPT2 = dict(vocab_size=200, seq_len=16, num_layers=4, hidden_size=32, num_heads=4, dropout=0.0, seed=7)
@@ -264,16 +264,13 @@ def _checkpoints(out: dict, root: Path) -> None:
 
 
 def _global_state(model, opt, ctx, group) -> dict[str, torch.Tensor]:
-    """Weights and AdamW moments of every stage as full global tensors (the tied copy's too, under its name
-    with a `copy:` prefix, to check that it loaded)."""
-    moments = opt.full_state()
+    """Weights and AdamW moments of every stage as full global tensors (test_zero's, gathered over the stages;
+    the tied copy's under a `copy:` name, to check that it loaded)."""
+    copies = model.tied_copies()
     mine = {}
-    for n, p in model.named_parameters():
-        dim = tp_partition_dim(p)
-        key = f"copy:{n}" if n in model.tied_copies() else n
-        mine[f"model.{key}"] = gather_tp_shards(p, dim, ctx.tp_group)
-        for k in ("exp_avg", "exp_avg_sq"):
-            mine[f"optim.{key}.{k}"] = gather_tp_shards(moments[n][k], dim, ctx.tp_group)
+    for k, v in tp_gathered_state(model, opt, ctx).items():
+        name = next((n for n in copies if k == f"model.{n}" or k.startswith(f"optim.{n}.")), None)
+        mine[k.replace(name, f"copy:{name}") if name else k] = v
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, mine if ctx.tp_rank == 0 and ctx.dp_rank == 0 else {}, group=group)
     return {k: v for part in parts for k, v in part.items()}
@@ -299,21 +296,16 @@ def _export_pair(out: dict, root: Path) -> None:
         dist.barrier(group=group)
 
 
-def _world(out_path: str, root: str) -> None:
-    out: dict = {}
+def _world(out: dict, root: Path) -> None:
     _exactness(out)
     _slow_stage(out)
-    _checkpoints(out, Path(root))
-    _export_pair(out, Path(root))
-    if dist.get_rank() == 0:
-        Path(out_path).write_bytes(pickle.dumps(out))
+    _checkpoints(out, root)
+    _export_pair(out, root)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("pipeline")
-    run_distributed(_world, WORLD, str(d / "out.pkl"), str(d))
-    return pickle.loads((d / "out.pkl").read_bytes())
+    return run_world(_world, WORLD, tmp_path_factory.mktemp("pipeline"))
 
 
 # ---- the tests -------------------------------------------------------------------------------------------
@@ -389,27 +381,12 @@ def test_checkpoint_loads_in_other_layouts_and_resumes(world, name):
     assert cell["differs"] == [] and cell["missing"] == [], cell  # weights and moments, bitwise
     # a last stage holds a copy of the tied embedding, loaded (weights and moments) from the one saved
     assert cell["copies"] == (["model.copy:wte.weight", "optim.copy:wte.weight.exp_avg",
-                               "optim.copy:wte.weight.exp_avg_sq"] if CKPT_TO[name][1] > 1 else [])
+                               "optim.copy:wte.weight.exp_avg_sq", "optim.copy:wte.weight.step"]
+                              if CKPT_TO[name][1] > 1 else [])
     if name == CKPT_FROM:  # the layout that saved it: bitwise
         assert cell["losses"] == c["ref_losses"], (cell["losses"], c["ref_losses"])
     for got, want in zip(cell["losses"], c["ref_losses"]):
         assert _rel(got, want) < 1e-5, (cell["losses"], c["ref_losses"])
-
-
-@pytest.fixture(scope="module")
-def ctx1():
-    """A one-process ParallelContext in this (pytest) process; its env variables do not leak to subprocesses."""
-    import os
-
-    from megatron_lite.parallel import init_parallel
-    saved = dict(os.environ)
-    try:
-        ctx = init_parallel(1, device="cpu")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    yield ctx
-    dist.destroy_process_group()
 
 
 def test_export_of_a_pp_checkpoint_equals_the_export_of_pp1_training(world, ctx1):
