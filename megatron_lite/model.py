@@ -204,7 +204,7 @@ class GPT(nn.Module):
                              f"{' and a KV cache' if cache is not None else ''}): run inference with it off")
         x_SBH = self._embed(tokens, start) if self.is_first_chunk(chunk) else hidden_SBH
         rope = None
-        if c.position_embedding == "rope":  # the whole sequence's positions, applied after the QKV layer's SP all-gather
+        if c.position_embedding == "rope":  # the whole sequence's positions, applied after the QKV's SP all-gather
             rope = self.rotary(torch.arange(start, start + S, device=tokens.device))
         for i in self.chunks[chunk]:
             if c.recompute == "full" and self.training:

@@ -413,7 +413,7 @@ def e2e(tmp_path_factory) -> Path:
 
 def test_end_to_end_pp2_tp2_sp_trains_evaluates_and_samples(e2e):
     out = (e2e / "stdout.txt").read_text()
-    assert out.count("layout: TP=2 x CP=1 x DP=1 x PP=2 on 4 ranks (cpu); TP groups: [0, 1], [2, 3]; DP groups: "
+    assert out.count("layout: DP=1 x TP=2 x PP=2 on 4 ranks (cpu); TP groups: [0, 1], [2, 3]; DP groups: "
                      "[0], [1], [2], [3]; PP groups: [0, 2], [1, 3]") == 1, out
     assert ("pipeline: 1f1b over PP=2, 4 micro-batches per step (bubble (P-1)/(V m) = 0.250); stage 0: embedding + "
             "layer 0; stage 1: layer 1 + final norm + output layer (a copy of the tied embedding)") in out, out

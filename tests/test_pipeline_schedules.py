@@ -130,8 +130,8 @@ def test_layer_splits():
 
 
 @pytest.mark.parametrize("args,message", [
-    ((6, 4, 1, None), "model.num_layers=6 is not divisible by parallel.pp=4 = 4 stages: pick parallel.pp in [1, 2, 3, 6] "
-                      "or give an uneven split, e.g. parallel.pp_layers=[1,2,2,1]"),
+    ((6, 4, 1, None), "model.num_layers=6 is not divisible by parallel.pp=4 = 4 stages: pick parallel.pp in "
+                      "[1, 2, 3, 6] or give an uneven split, e.g. parallel.pp_layers=[1,2,2,1]"),
     ((8, 2, 3, None), "model.num_layers=8 is not divisible by parallel.pp=2 x parallel.pp_virtual=3 = 6 stages"),
     ((6, 2, 1, [4, 1]), "parallel.pp_layers=[4, 1] must give 2 non-negative layer counts (parallel.pp=2 virtual "
                         "stages, in model order) summing to model.num_layers=6, e.g. [3,3]"),

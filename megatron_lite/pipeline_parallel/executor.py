@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,59 +56,61 @@ class PipelineExecutor:
         return self._run(self.eval_program, batches, None, contextlib.nullcontext, autocast)
 
     def _is_last(self, chunk: int) -> bool:
-        return chunk * self.P + self.ctx.pp_rank == self.P * self.V - 1
+        return self._virtual_stage(chunk) == self.P * self.V - 1
 
     def _run(self, program, batches, loss_scales, no_sync, autocast) -> list[torch.Tensor]:
         if len(batches) != self.m:
             raise ValueError(f"the pipeline was built for {self.m} micro-batches per step, got {len(batches)}")
-        training = loss_scales is not None
-        received: dict[tuple[str, int, int], torch.Tensor] = {}  # (kind, micro-batch, virtual stage) -> tensor
-        alive: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}  # (i, v) -> (input, output)
-        outbox: dict[tuple[str, int, int], torch.Tensor] = {}  # (kind, micro-batch, virtual stage) -> to send
-        losses = {}
+        step = _Step(batches, loss_scales)
         for action in program:
             if isinstance(action, Exchange):
-                self._exchange(action, batches, outbox, received, training)
+                self._exchange(action, step)
                 continue
-            i, v = action.microbatch, action.chunk
-            k = v * self.P + self.ctx.pp_rank
-            sync = contextlib.nullcontext() if i == self.m - 1 else no_sync()
             t0 = time.perf_counter()
+            sync = contextlib.nullcontext() if action.microbatch == self.m - 1 else no_sync()
             if action.op == "F":
-                tokens, targets = batches[i]
-                x_in = received.pop(("act", i, k), None)
-                with sync, autocast:
-                    out = self.forward(tokens, targets, hidden_SBH=x_in, chunk=v)
-                if self._is_last(v):
-                    losses[i] = out.detach()
-                    if training:
-                        alive[(i, v)] = (x_in, out * loss_scales[i])
-                else:
-                    outbox[("act", i, k)] = out.detach().to(self.dtype)
-                    if training:
-                        alive[(i, v)] = (x_in, out)
+                self._forward(action, step, sync, autocast)
             else:
-                x_in, out = alive.pop((i, v))
-                grad = None if self._is_last(v) else received.pop(("grad", i, k)).to(out.dtype)
-                with sync:
-                    torch.autograd.backward(out, grad)
-                if k > 0:
-                    outbox[("grad", i, k)] = x_in.grad
+                self._backward(action, step, sync)
             if self.trace is not None:
                 self.trace.append((action, t0, time.perf_counter()))
-        return [losses[i] for i in sorted(losses)]
+        return [step.losses[i] for i in sorted(step.losses)]
 
-    def _exchange(self, ex: Exchange, batches, outbox, received, training: bool) -> None:
-        sends = [(msg, outbox.pop((msg.kind, msg.microbatch, msg.src))) for msg in ex.sends]
-        recvs = []
-        for msg in ex.recvs:
-            buf = torch.empty(self._shape(batches[msg.microbatch][0]), dtype=self.dtype, device=self.ctx.device)
-            recvs.append((msg, buf))
+    def _forward(self, a: Compute, step: _Step, sync, autocast) -> None:
+        i, v, k = a.microbatch, a.chunk, self._virtual_stage(a.chunk)
+        tokens, targets = step.batches[i]
+        x_in = step.received.pop(("act", i, k), None)  # None on the first virtual stage
+        with sync, autocast:
+            out = self.forward(tokens, targets, hidden_SBH=x_in, chunk=v)
+        if self._is_last(v):
+            step.losses[i] = out.detach()
+            out = out * step.loss_scales[i] if step.training else out
+        else:
+            step.outbox[("act", i, k)] = out.detach().to(self.dtype)
+        if step.training:
+            step.alive[(i, v)] = (x_in, out)
+
+    def _backward(self, a: Compute, step: _Step, sync) -> None:
+        i, v, k = a.microbatch, a.chunk, self._virtual_stage(a.chunk)
+        x_in, out = step.alive.pop((i, v))
+        grad = None if self._is_last(v) else step.received.pop(("grad", i, k)).to(out.dtype)
+        with sync:
+            torch.autograd.backward(out, grad)
+        if k > 0:
+            step.outbox[("grad", i, k)] = x_in.grad
+
+    def _exchange(self, ex: Exchange, step: _Step) -> None:
+        sends = [(msg, step.outbox.pop((msg.kind, msg.microbatch, msg.src))) for msg in ex.sends]
+        recvs = [(msg, torch.empty(self._shape(step.batches[msg.microbatch][0]), dtype=self.dtype,
+                                   device=self.ctx.device)) for msg in ex.recvs]
         self.p2p.exchange(sends, recvs)
         for msg, buf in recvs:
-            if msg.kind == "act" and training:
+            if msg.kind == "act" and step.training:
                 buf.requires_grad_()  # a leaf: its .grad is what goes back to the previous stage
-            received[(msg.kind, msg.microbatch, msg.dst)] = buf
+            step.received[(msg.kind, msg.microbatch, msg.dst)] = buf
+
+    def _virtual_stage(self, chunk: int) -> int:
+        return chunk * self.P + self.ctx.pp_rank
 
     def _shape(self, tokens: torch.Tensor) -> tuple[int, int, int]:
         """The activation between stages, [S, B, H]; under SP the sequence shard [S/T, B, H]."""
@@ -117,6 +120,22 @@ class PipelineExecutor:
         return S, B, self.config.hidden_size
 
 
+@dataclass
+class _Step:
+    """One step's micro-batches and what is in flight: keys (kind, micro-batch, virtual stage) for messages,
+    (micro-batch, chunk) for the passes whose backward is still to come."""
+    batches: list
+    loss_scales: list[float] | None  # None: forward only
+    received: dict = field(default_factory=dict)  # messages that arrived, until their pass uses them
+    outbox: dict = field(default_factory=dict)  # outputs and input gradients, until their exchange
+    alive: dict = field(default_factory=dict)  # (input, output) kept for the backward
+    losses: dict = field(default_factory=dict)  # micro-batch -> its loss (last stage)
+
+    @property
+    def training(self) -> bool:
+        return self.loss_scales is not None
+
+
 def in_flight_max(trace: list) -> int:
     """The most micro-batches whose activations this rank held at once (forwards run, backwards not yet)."""
     held = peak = 0
@@ -124,6 +143,3 @@ def in_flight_max(trace: list) -> int:
         held += 1 if action.op == "F" else -1
         peak = max(peak, held)
     return peak
-
-
-__all__ = ["PipelineExecutor", "Compute", "in_flight_max"]

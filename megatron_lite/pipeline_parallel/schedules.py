@@ -121,8 +121,9 @@ def check(schedule: str, P: int, V: int, m: int) -> None:
     if schedule not in SCHEDULES:
         raise PipelineLayoutError(f"parallel.pp_schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
     if schedule == "1f1b" and V != 1:
-        raise PipelineLayoutError(f"parallel.pp_virtual={V} needs parallel.pp_schedule=interleaved (1f1b runs one "
-                                  f"model chunk per rank): set parallel.pp_schedule=interleaved or parallel.pp_virtual=1")
+        raise PipelineLayoutError(
+            f"parallel.pp_virtual={V} needs parallel.pp_schedule=interleaved (1f1b runs one model chunk per rank): "
+            f"set parallel.pp_schedule=interleaved or parallel.pp_virtual=1")
     if schedule == "interleaved" and (V < 2 or P < 2):
         raise PipelineLayoutError(
             f"parallel.pp_schedule=interleaved needs parallel.pp >= 2 and parallel.pp_virtual >= 2 model chunks per "
@@ -158,8 +159,9 @@ def build_programs(schedule: str, P: int, V: int, m: int, forward_only: bool = F
             k = a.chunk * P + s
             if a.op == "F":
                 ready = k == 0 or ("act", a.microbatch, k) in arrived[s]
-            else:
-                ready = (a.microbatch, a.chunk) in forwarded[s] and (k == last or ("grad", a.microbatch, k) in arrived[s])
+            else:  # its own forward done, and the gradient from the next virtual stage arrived (but on the last)
+                ready = (a.microbatch, a.chunk) in forwarded[s] and (
+                    k == last or ("grad", a.microbatch, k) in arrived[s])
             if not ready:
                 continue
             programs[s].append(a)
