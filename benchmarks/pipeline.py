@@ -1,4 +1,4 @@
-"""Measurement worker of section 10, pipeline parallelism, run by `launch()` on 4 processes, and the timeline
+"""Measurement worker of section 11, pipeline parallelism, run by `launch()` on 4 processes, and the timeline
 replay that turns a recorded schedule into its bubble.
 
 `pipeline_worker` trains each layout (P, V, T, SP) for a few steps with the trainer's pieces (the stage's model,

@@ -1,4 +1,4 @@
-"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,...,10]`.
+"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,...,11]`.
 
 1. against the peer: train-step time of megatron-lite / PyTorch-native TP (DTensor), T=2, SP off and on
 2. communication: every collective of a train step, counted, against the Megatron analysis (theory.py)
@@ -14,7 +14,7 @@
    agreement, flight recorder off and on; each piece alone
 9. data preparation: throughput per worker against the tokenizer's own encode speed, 1 vs 2 workers; peak
    memory and time of preparing a ~100 MB and a ~400 MB corpus (the stdlib source, repeated)
-10. pipeline parallelism: the bubble of the executed 1F1B and interleaved schedules at P = 2 and 4 (op-timeline
+11. pipeline parallelism: the bubble of the executed 1F1B and interleaved schedules at P = 2 and 4 (op-timeline
    replay) against (P - 1) / (V m), step time as context; p2p bytes per step against 2 (PV - 1) m s b h bytes
    (/T under SP); stage 0's activation memory against P micro-batches x L/P layers x the per-layer formula
 
@@ -44,6 +44,7 @@ BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_he
 SMALL = dict(BENCH, hidden_size=256, num_heads=4)  # section 1 context: less compute per collective and per op
 QUICK = dict(vocab_size=256, seq_len=32, num_layers=2, hidden_size=64, num_heads=4, dropout=0.0, seed=0)
 GPT2_SMALL = dict(vocab_size=50304, seq_len=1024, num_layers=12, hidden_size=768, num_heads=12, dropout=0.0)
+PIPELINE = dict(SMALL, num_layers=8)  # section 11: m micro-batches per step through 8 layers, at 6 layouts
 GOAL = 0.75  # megatron-lite / DTensor train-step time
 
 
@@ -443,11 +444,11 @@ def section_data(rep: Report, args) -> dict:
 
 
 def section_pipeline(rep: Report, args, kw) -> list:
-    b, m, steps = args.micro_batch, args.pp_microbatches, args.opt_steps
-    kw = dict(kw, num_layers=8)  # P x V = 8 virtual stages at P = 4, V = 2
+    b, m, steps = args.pp_micro_batch, args.pp_microbatches, args.pp_steps
+    kw = dict(kw, num_layers=8) if args.quick else PIPELINE  # 8 layers: P x V = 8 virtual stages at P = 4, V = 2
     layouts = [(1, 1, 1, False), (2, 1, 1, False), (2, 2, 1, False), (4, 1, 1, False), (4, 2, 1, False),
                (2, 1, 2, True)]
-    rep(f"== 10. pipeline parallelism, {shape_str(kw, b)}, {m} micro-batches per step, AdamW, fp32; device cpu "
+    rep(f"== 11. pipeline parallelism, {shape_str(kw, b)}, {m} micro-batches per step, AdamW, fp32; device cpu "
         f"(4 processes on {os.cpu_count()} cores)")
     rep("   bubble = (step time - busiest stage's compute) / that compute (Narayanan et al. 2021, t_pb / t_id); "
         "replayed from each rank's recorded passes (order as executed, a pass waits for its input, communication "
@@ -513,7 +514,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
     p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated subset of 1..10")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,11", help="comma-separated subset of 1..11")
     p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
@@ -524,7 +525,9 @@ def main(argv=None) -> dict:
     p.add_argument("--guard-jobs", type=int, default=None, help="section 8: jobs per flight-recorder setting (3)")
     p.add_argument("--guard-rounds", type=int, default=7, help="section 8: rounds per job (best of)")
     p.add_argument("--guard-calls", type=int, default=None, help="section 8: calls per round (5000)")
-    p.add_argument("--pp-microbatches", type=int, default=8, help="section 10: micro-batches per step")
+    p.add_argument("--pp-microbatches", type=int, default=8, help="section 11: micro-batches per step")
+    p.add_argument("--pp-micro-batch", type=int, default=None, help="section 11: sequences per micro-batch (default 2)")
+    p.add_argument("--pp-steps", type=int, default=None, help="section 11: measured steps per layout (default 3)")
     p.add_argument("--mfu-batch", type=int, default=8)
     p.add_argument("--mfu-steps", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one step of each contender")
@@ -532,7 +535,7 @@ def main(argv=None) -> dict:
     quick = args.quick
     for name, full, small in (("steps", 16, 2), ("warmup", 2, 1), ("micro_batch", 4, 2), ("global_batch", 8, 4),
                               ("scale_steps", 4, 1), ("opt_steps", 10, 2), ("guard_jobs", 3, 1),
-                              ("guard_calls", 5000, 200)):
+                              ("guard_calls", 5000, 200), ("pp_micro_batch", 2, 2), ("pp_steps", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     kw = QUICK if quick else BENCH
@@ -567,7 +570,7 @@ def main(argv=None) -> dict:
         result["guards"] = section_guards(rep, args, kw)
     if 9 in sections:
         result["data"] = section_data(rep, args)
-    if 10 in sections:
+    if 11 in sections:
         result["pipeline"] = section_pipeline(rep, args, kw)
     info["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0

@@ -139,7 +139,7 @@ def test_data_preparation_section_runs_and_prints(tmp_path):
 
 @pytest.mark.parametrize("P,V,m", [(2, 1, 4), (2, 1, 8), (4, 1, 8), (2, 2, 4), (2, 2, 8), (4, 2, 8), (4, 2, 16)])
 def test_replayed_bubble_of_the_schedules_is_the_papers(P, V, m):
-    """Section 10's op-timeline replay of the 1F1B and interleaved orders, uniform pass times (t_b = 2 t_f):
+    """Section 11's op-timeline replay of the 1F1B and interleaved orders, uniform pass times (t_b = 2 t_f):
     the bubble is (P - 1) / (V m) (Narayanan et al. 2021, section 2.2)."""
     from benchmarks.pipeline import replay
     from megatron_lite.pipeline_parallel import compute_order
@@ -152,9 +152,9 @@ def test_replayed_bubble_of_the_schedules_is_the_papers(P, V, m):
 
 @pytest.mark.slow
 def test_pipeline_section_runs_and_equals_theory(tmp_path):
-    """Section 10 at --quick sizes: replayed bubbles equal (P-1)/(Vm), p2p bytes equal theory exactly, stage 0's
+    """Section 11 at --quick sizes: replayed bubbles equal (P-1)/(Vm), p2p bytes equal theory exactly, stage 0's
     peak activation memory within 1% of in-flight x layers x the per-layer formula (P > 1)."""
-    res = run.main(["--quick", "--sections", "10", "--out", str(tmp_path / "bench.json")])["pipeline"]
+    res = run.main(["--quick", "--sections", "11", "--out", str(tmp_path / "bench.json")])["pipeline"]
     assert [(r["P"], r["V"], r["T"]) for r in res] == [(1, 1, 1), (2, 1, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (2, 1, 2)]
     for r in res:
         assert abs(r["replay_uniform"]["bubble"] - r["theory_bubble"]) < 1e-12, r["replay_uniform"]

@@ -8,7 +8,8 @@ and hands rank 0's findings to the tests:
 - exactness: at (DP, PP, TP) in (1,2,1), (1,4,1), (2,2,1), (1,2,2)+SP, (1,2,1) interleaved V=2 and (2,2,1)
   zero=1, 8 steps of GPT-2 (tied embedding: a copy on the last stage) and of a GQA Llama (untied) give one
   process's losses and grad norms (clipping active) to float32 rounding, and its weights after the steps; the
-  stages together hold exactly one process's parameter names and shapes, layers under their global index;
+  stages together hold exactly one process's parameter names and shapes, layers under their global index; an
+  uneven split (`pp_layers`) trains like one process, and recompute (full, selective) changes nothing;
 - the executed order of passes on every rank is the 1F1B / interleaved table, and the activations held at once
   never exceed P - stage (1F1B); p2p bytes per step equal 2 (PV - 1) m s b h x 4 (/T under SP);
 - a stage made slow on purpose changes nothing (same losses and weights, bitwise): no deadlock, no mixed-up
@@ -16,11 +17,13 @@ and hands rank 0's findings to the tests:
 - checkpoints: saved at (1,2,2)+SP, one copy of the tied embedding, the same keys and global shapes as a PP=1
   checkpoint; loaded at (1,2,2)+SP it resumes bitwise, at (2,1,2), (1,4,1) and (4,1,1) it loads the saved
   tensors bitwise and trains on like the uninterrupted run; a Llama trained at PP=2 exports (HF tensors) bitwise
-  what the same training at PP=1 exports.
+  what the same training at PP=1 exports (untied, no clipping, DP=TP=1: nothing is summed in another order);
+- an HF checkpoint loads at PP=2 with each stage reading only its own layers' tensors.
 
 End to end (train.py through torchrun, (1,2,2)+SP): a run with evaluation, checkpoints and the closing sample
-(rank 0 loads the final checkpoint at PP=1); resumed from its first checkpoint it continues bitwise; its export
-loads in transformers.
+(rank 0 loads the final checkpoint at PP=1); resumed from its first checkpoint it continues bitwise; loaded at
+PP=1 it generates the closing sample's text again, and its export loads in transformers. Slow: a SIGTERM stops
+every stage at one step with a checkpoint; a stalled stage is named by the hang summary.
 """
 from __future__ import annotations
 
@@ -166,8 +169,7 @@ def layout(name: str):
 
 # ---- the world's work ------------------------------------------------------------------------------------
 
-def _exactness(out: dict) -> None:
-    refs = broadcast({name: train_one_process(cfg, STEPS) for name, cfg in MODELS.items()})
+def _exactness(out: dict, refs: dict) -> None:
     for lname in LAYOUTS:
         for mname, cfg in MODELS.items():
             ctx, group, sp, virtual, zero = layout(lname)
@@ -296,15 +298,87 @@ def _export_pair(out: dict, root: Path) -> None:
         dist.barrier(group=group)
 
 
+def _recompute(out: dict) -> None:
+    """Full and selective recompute at (1,2,2)+SP change nothing: the losses and grad norms of 2 steps."""
+    runs = {}
+    for rc in ("none", "full", "selective"):
+        ctx, group, sp, virtual, zero = layout("(1,2,2)+SP")
+        if ctx is not None:
+            runs[rc] = train(*build(ctx, dict(GPT2, recompute=rc), sp), ctx, GPT2, 2)
+    if dist.get_rank() == 0:
+        out["recompute"] = runs
+
+
+def _hf_load(out: dict, root: Path) -> None:
+    """A GPT-2 in Hugging Face's format (tied, random) loads at (1,2,1): each stage reads only its own layers'
+    tensors (the last also the embedding, its tied output layer), and holds what one process loads."""
+    from megatron_lite import hf
+    hf_dir = root / "hf_gpt2"
+    if dist.get_rank() == 0:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=200, n_positions=16, n_embd=32, n_layer=4, n_head=4)).save_pretrained(
+            hf_dir)
+    dist.barrier()
+    read, real = set(), hf.SafetensorsReader.read
+
+    def logged(self, name, *args):
+        read.add(name)
+        return real(self, name, *args)
+    hf.SafetensorsReader.read = logged
+    got = {}
+    for pp in (2, 1):
+        group = dist.new_group(list(range(pp)))
+        ctx = build_parallel_context(1, world_size=pp, pp_size=pp)
+        if ctx is None:
+            continue
+        model = GPT(hf.hf_model_config(hf_dir), ctx, init_weights=False)
+        read.clear()
+        hf.load_hf_weights(model, hf_dir)
+        executor = PipelineExecutor(model, model.config, ctx, 2)
+        loss = sum(executor.forward_only(micro_batches(0, GPT2, ctx)[:2]), torch.zeros(()))
+        dist.all_reduce(loss, group=ctx.pp_group)
+        reads = [None] * pp
+        dist.all_gather_object(reads, (ctx.pp_rank, sorted(read)), group=group)
+        got[pp] = (dict(reads), stage_state(model, ctx, group), loss.item())
+    hf.SafetensorsReader.read = real
+    if dist.get_rank() == 0:
+        (reads, weights, loss), (_, one, loss1) = got[2], got[1]
+        out["hf_load"] = dict(reads=reads, losses=(loss, loss1), names=sorted(weights) == sorted(one),
+                              same=all(torch.equal(weights[k], one[k]) for k in one))
+
+
+def _uneven(out: dict, refs: dict) -> None:
+    """parallel.pp_layers: a GPT-2 split [1, 2, 1] over 3 stages trains like one process too (2 steps)."""
+    group = dist.new_group([0, 1, 2])
+    ctx = build_parallel_context(1, world_size=3, pp_size=3)
+    if ctx is None:
+        return
+    model = GPT(GPTConfig(**GPT2), ctx, chunks=stage_chunks(GPT2["num_layers"], 3, ctx.pp_rank, pp_layers=[1, 2, 1]))
+    opt = build_optimizer(model, OPTIM, ctx)
+    losses, norms = train(model, opt, PipelineExecutor(model, model.config, ctx, GLOBAL_BATCH), ctx, GPT2, 2)
+    layers = [None] * 3
+    dist.all_gather_object(layers, sorted(int(n.split(".")[1]) for n, _ in model.named_parameters()
+                                          if n.startswith("blocks.") and n.endswith("ln_1.weight")), group=group)
+    if ctx.rank == 0:
+        out["uneven"] = dict(losses=losses, norms=norms, ref_losses=refs["gpt2"][0][:2], ref_norms=refs["gpt2"][1][:2],
+                             layers=layers)
+
+
 def _world(out: dict, root: Path) -> None:
-    _exactness(out)
+    refs = broadcast({name: train_one_process(cfg, STEPS) for name, cfg in MODELS.items()})
+    _exactness(out, refs)
+    _uneven(out, refs)
     _slow_stage(out)
     _checkpoints(out, root)
     _export_pair(out, root)
+    _recompute(out)
+    _hf_load(out, root)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
+    pytest.importorskip("transformers")
     return run_world(_world, WORLD, tmp_path_factory.mktemp("pipeline"))
 
 
@@ -325,6 +399,13 @@ def test_trains_like_one_process(world, name, model):
     assert r["weight_err"] < 1e-5, r["weight_err"]  # every parameter of every stage, after 8 AdamW steps
     # the stages hold one process's parameters between them, each once, named by global layer index
     assert r["names"] == r["ref_names"] and r["shapes"] == r["ref_shapes"]
+
+
+def test_uneven_split_trains_like_one_process(world):
+    r = world["uneven"]
+    assert r["layers"] == [[0], [1, 2], [3]]
+    for got, want in zip(r["losses"] + r["norms"], r["ref_losses"] + r["ref_norms"]):
+        assert _rel(got, want) < 1e-5, r
 
 
 def test_tied_embedding_copies_stay_equal(world):
@@ -389,6 +470,23 @@ def test_checkpoint_loads_in_other_layouts_and_resumes(world, name):
         assert _rel(got, want) < 1e-5, (cell["losses"], c["ref_losses"])
 
 
+def test_recompute_changes_nothing_under_pp(world):
+    r = world["recompute"]
+    assert r["full"] == r["none"] and r["selective"] == r["none"], r
+
+
+def test_hf_checkpoint_load_reads_each_stages_own_layers(world):
+    r = world["hf_load"]
+    assert r["same"] and r["names"]  # the stages hold what one process loads, bitwise, every parameter once
+    assert r["losses"][0] == pytest.approx(r["losses"][1], rel=1e-6)
+    first, last = r["reads"][0], r["reads"][1]
+    assert {n.split(".")[2] for n in first if ".h." in n} == {"0", "1"}  # layers 0-1 on stage 0
+    assert {n.split(".")[2] for n in last if ".h." in n} == {"2", "3"}  # layers 2-3 on stage 1
+    assert "transformer.wte.weight" in first and "transformer.wte.weight" in last  # the tied output layer's copy
+    assert "transformer.wpe.weight" in first and "transformer.wpe.weight" not in last
+    assert "transformer.ln_f.weight" in last and "transformer.ln_f.weight" not in first
+
+
 def test_export_of_a_pp_checkpoint_equals_the_export_of_pp1_training(world, ctx1):
     from megatron_lite.checkpoint import load_model
     from megatron_lite.hf import hf_state_dict
@@ -438,9 +536,18 @@ def test_end_to_end_resume_is_bitwise(e2e, tmp_path):
         {m["step"]: m["grad_norm"] for m in metrics(e2e) if "loss" in m}
 
 
-def test_end_to_end_export_of_a_pp_checkpoint_loads_in_transformers(e2e, tmp_path):
+def test_end_to_end_pp_checkpoint_generates_and_exports_at_pp1(e2e, tmp_path, ctx1):
     transformers = pytest.importorskip("transformers")
+    from megatron_lite.checkpoint import load_model
     from megatron_lite.export import export
+    from megatron_lite.generate import generate
+    from megatron_lite.tokenizer import load_tokenizer
+    # generation loads the PP checkpoint at PP=1 (as python -m megatron_lite.generate does): the closing sample's
+    # greedy text again
+    tok = load_tokenizer(e2e / "checkpoints" / "step_0000004")
+    ids = generate(load_model(e2e, ctx1), tok.frame(tok.encode("def "), last=False), 8, temperature=0, seed=1234,
+                   eos_id=tok.eos_id)
+    assert f"sample:\n{tok.decode(ids)}\n" in (e2e / "stdout.txt").read_text()
     out = export(e2e, tmp_path / "export")
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
