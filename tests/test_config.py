@@ -142,7 +142,8 @@ def test_cfg_job_prints_every_key(cli):
             assert isinstance(node, dict) and part in node, f"{key} missing from --cfg job:\n{out}"
             node = node[part]
     assert "TORCHELASTIC_RUN_ID" in cfg["run_dir"]
-    assert cfg["parallel"] == {"tp": 1, "cp": 1, "pp": 1, "sp": True, "tp_comm_overlap": True, "zero": 0}
+    assert cfg["parallel"] == {"tp": 1, "cp": 1, "pp": 1, "pp_schedule": "1f1b", "pp_virtual": 1, "pp_layers": None,
+                               "sp": True, "tp_comm_overlap": True, "zero": 0}
     assert (cfg["train"]["steps"], cfg["model"]["name"]) == (500, "tiny")
     assert (cfg["checkpoint"]["on_error"], cfg["train"]["hang_timeout_s"], cfg["train"]["exit_signals"]) == \
         ("stop", 300.0, ["SIGTERM", "SIGUSR1"])
