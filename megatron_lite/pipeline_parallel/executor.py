@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from .p2p import P2P
 from .schedules import Compute, Exchange, build_programs
@@ -43,6 +44,9 @@ class PipelineExecutor:
         self.eval_program = build_programs(schedule, self.P, virtual, num_microbatches, forward_only=True)[ctx.pp_rank]
         self.p2p = P2P(ctx)
         self.trace: list | None = None  # a list: every pass run is appended as (Compute, start, end)
+        if self.P > 1:  # NCCL: batch_isend_irecv may open a group only if every rank of it takes part (torch's
+            # docs); one all-reduce over the PP group (every stage builds its executor) opens it here
+            dist.all_reduce(torch.zeros(1, device=ctx.device), group=ctx.pp_group)
 
     def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_scales: list[float],
                          no_sync=contextlib.nullcontext, autocast=contextlib.nullcontext()) -> list[torch.Tensor]:
