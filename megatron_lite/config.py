@@ -19,8 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from megatron_lite.data import DataConfig
-from megatron_lite.model import RopeScaling
-from megatron_lite.parallel import COLLECTIVE_TIMEOUT_S
+from megatron_lite.rope_scaling import RopeScaling  # not from model.py: reading a config imports no torch
 
 if TYPE_CHECKING:
     from megatron_lite.model import GPTConfig
@@ -232,7 +231,7 @@ def validate(cfg: Config, world_size: int) -> None:
     from megatron_lite.data import DataError, check_data
     from megatron_lite.hf import HFError, architecture, is_hf_model_dir, read_hf_config, weight_files
     from megatron_lite.model import ModelConfigError
-    from megatron_lite.parallel import ParallelConfigError, check_world_size
+    from megatron_lite.parallel import COLLECTIVE_TIMEOUT_S, ParallelConfigError, check_world_size
 
     for key, known in _unknown_keys(cfg):
         raise ConfigError(f"unknown key {key}: nothing reads it; {known}")

@@ -38,6 +38,7 @@ from .pipeline_parallel.layout import stage_chunks
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
                               gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
+from .rope_scaling import RopeScaling  # noqa: F401 (its own module: the config schema needs it without torch)
 
 if TYPE_CHECKING:
     from .generate import KVCache  # inference only: the keys and values of the tokens so far
@@ -45,16 +46,6 @@ if TYPE_CHECKING:
 
 class ModelConfigError(ValueError):
     """A model shape that cannot be built or split over the requested TP size."""
-
-
-@dataclass
-class RopeScaling:
-    """Llama-3 RoPE frequency scaling (HF `rope_type: llama3`): long wavelengths slowed down by `factor`."""
-    rope_type: str = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
 
 
 @dataclass

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from .checkpoint import Checkpointer, load_model
 from .config import Config, gpt_config, grad_accum_steps
 from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, make_sampler, prepare_corpus
+from .data.split import hold_out
 from .generate import generate
 from .hf import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
@@ -93,8 +94,10 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
     guard.write_status("running")
 
-    train_data = make_sampler(cfg.data.sampling, corpus.train_tokens(), cfg.model.seq_len, cfg.train.seed, name="train")
-    val_data = make_sampler(cfg.data.sampling, corpus.val_tokens(), cfg.model.seq_len, cfg.train.seed + 1, name="val")
+    train_tokens, val_tokens, held_out = hold_out(corpus.train_tokens(), corpus.val_tokens(), cfg.model.seq_len + 1)
+    log.info(f"data: {held_out}")  # a small corpus gets a validation window all the same
+    train_data = make_sampler(cfg.data.sampling, train_tokens, cfg.model.seq_len, cfg.train.seed, name="train")
+    val_data = make_sampler(cfg.data.sampling, val_tokens, cfg.model.seq_len, cfg.train.seed + 1, name="val")
     if cfg.data.sampling == "epoch":
         log.info(f"data: epochs of {train_data.windows:,} windows ({train_data.windows / cfg.train.global_batch_size:,.1f} "
                  f"steps); sample {state.consumed_samples:,} is in epoch {train_data.epoch(state.consumed_samples)}")

@@ -10,6 +10,8 @@
     lock.py      exactly one builder across ranks, jobs and nodes; the others poll, with no timeout
     progress.py  rate, ETA, progress bar
     cache.py     TokenizedCorpus: a complete cache on disk, checked before use
+    verify.py    its checksums (and the corpus files') verified once per job, by one process
+    clean.py     python -m megatron_lite.data --clean: damaged copies, abandoned builds, dead locks
     sampler.py   training windows: random (with replacement) or epochs (a permutation per epoch)
     __main__.py  python -m megatron_lite.data: the preparation command, with train.py's Hydra config
 
