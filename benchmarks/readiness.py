@@ -1,4 +1,4 @@
-"""Section 11: ready for GPUs, measured on the CPU (issue 19). Workers run by `launch()`; tests/test_gpu_ready.py
+"""Section 12: ready for GPUs, measured on the CPU (issue 19). Workers run by `launch()`; tests/test_gpu_ready.py
 calls the same functions.
 
 - start-up: building the model with its draw (a fresh run) and without (a resume: the checkpoint's weights
@@ -147,7 +147,7 @@ def train_losses(ctx, kw: dict, sp: bool, steps: int, backend: str | None = None
 
 
 def readiness_worker(device, kw: dict, micro_batch: int) -> dict:
-    """Section 11 on 4 processes: build at T=1 and T=2, the cross-entropy at T=2, DDP at DP=4, a zero=1 checkpoint
+    """Section 12 on 4 processes: build at T=1 and T=2, the cross-entropy at T=2, DDP at DP=4, a zero=1 checkpoint
     at DP=4, compile at T=2 + SP."""
     out = {"build": {}}
     for T in (1, 2):

@@ -40,7 +40,6 @@ from .data import DataError
 from .distributed_optimizer import DistributedOptimizer
 from .hf import hf_model_config, is_hf_model_dir, load_hf_weights
 from .tensor_parallel import tp_partition_dim
-from .tensor_parallel.random import RNGTracker
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
@@ -177,10 +176,12 @@ def model_state(model, ctx, mesh=None) -> dict:
     return {f"model.{n}": _global(p.data, p, mesh, ctx.tp_size) for n, p in model.named_parameters()}
 
 
-def _full_state(model, opt, ctx) -> dict:
+def _full_state(model, opt, ctx, copies: bool = True) -> dict:
     """The state dict DCP saves or loads into: the model, AdamW's moments and step, the RNG streams. The moments
     are whole per-parameter global tensors whatever parallel.zero: zero=0's live tensors as DTensors, zero=1's
-    owned ranges as pieces of them (checkpoint_shards.py), nothing gathered."""
+    owned ranges as pieces of them (checkpoint_shards.py), nothing gathered. `copies=False` (saving) leaves out
+    the parameters that copy another stage's (the last stage's tied embedding): the checkpoint holds one, which
+    every copy loads."""
     mesh = _mesh(ctx)
     sd = model_state(model, ctx, mesh)
     if isinstance(opt, DistributedOptimizer):
@@ -193,6 +194,10 @@ def _full_state(model, opt, ctx) -> dict:
             sd[f"optim.{n}.exp_avg_sq"] = _global(st["exp_avg_sq"], p, mesh, ctx.tp_size)
             sd[f"optim.{n}.step"] = st["step"]
     sd.update(_rng_entries(model.rng.get_states(), ctx))
+    if not copies:
+        twice = [f"model.{n}" for n in model.tied_copies()]
+        twice += [f"optim.{n}.{k}" for n in model.tied_copies() for k in ("exp_avg", "exp_avg_sq", "step")]
+        sd = {k: v for k, v in sd.items() if k not in twice}
     return sd
 
 
@@ -216,8 +221,10 @@ def _zero_moments(model, opt: DistributedOptimizer, ctx) -> dict:
 
 def _rng_key(stream: str, ctx, kind: str | None) -> str:
     """A stream's key: by device type (a CUDA generator's state is 16 bytes, a CPU one's 5056: neither loads into
-    the other; `kind` None: the key of checkpoints from before that), the TP-distinct stream per TP rank."""
-    return "rng." + (f"{kind}." if kind else "") + stream + (f".{ctx.tp_rank}" if stream == "tp" else "")
+    the other; `kind` None: the key of checkpoints from before that), the TP-distinct stream per TP rank, and
+    every stream per pipeline stage (each draws for its own layers; stage 0's keys are those of PP = 1)."""
+    return ("rng." + (f"{kind}." if kind else "") + stream + (f".{ctx.tp_rank}" if stream == "tp" else "")
+            + (f".stage{ctx.pp_rank}" if ctx.pp_rank else ""))
 
 
 def _rng_entries(states: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
@@ -237,7 +244,7 @@ def _rng_to_load(saved: dict, path: Path, model, ctx, log) -> dict[str, str]:
     if not found and any(k.startswith("rng.") for k in saved):
         kinds = sorted({k.split(".")[1] for k in saved if k.startswith("rng.")} - {"shared", "tp"})
         step = read_meta(path).get("step", 0) if (path / "meta.json").is_file() else 0
-        model.rng = RNGTracker(model.config.seed + 1000003 * (step + 1), ctx.tp_rank, ctx.device)
+        model.rng = model.rng.reseeded(1000003 * (step + 1))
         saved_on = ", ".join(kinds) or "not named, of another size: an older checkpoint's"
         log(f"checkpoint {path}: its dropout RNG streams come from another kind of device ({saved_on}; this run: "
             f"{ctx.device.type}): reseeded them from model.seed and step {step}")
@@ -332,12 +339,12 @@ class Checkpointer:
         self.wait()  # at most one save in flight
         final = self.root / f"step_{step:07d}"
         tmp = final.with_name(final.name + ".tmp")  # DCP creates it, inside its agreed planning step
-        sd = _full_state(model, opt, self.ctx)
+        sd = _full_state(model, opt, self.ctx, copies=False)
         meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "data": self.corpus.identity(),
                 "tokenizer": {"fingerprint": self.corpus.identity()["tokenizer"], "vocab_size": self.corpus.vocab_size},
                 "wandb_id": self.wandb_id,
                 "layout": {"dp": self.ctx.dp_size, "cp": self.ctx.cp_size, "tp": self.ctx.tp_size,
-                           "sp": self.cfg.parallel.sp},
+                           "sp": self.cfg.parallel.sp, "pp": self.ctx.pp_size, "pp_virtual": self.cfg.parallel.pp_virtual},
                 "torch": torch.__version__}
         job = self.pending = _Save(step, tmp)
 
@@ -426,8 +433,9 @@ def model_config(path: str | Path, **overrides):
     return GPTConfig(**{**read_meta(path)["model"], **overrides})
 
 
-def load_model(path: str | Path, ctx, **overrides):
-    """A GPT for `ctx`'s layout with the weights of checkpoint `path` (see `model_config`), in eval mode."""
+def load_model(path: str | Path, ctx, process_group=None, **overrides):
+    """A GPT for `ctx`'s layout with the weights of checkpoint `path` (see `model_config`), in eval mode.
+    `process_group`: the ranks of `ctx` when they are not the whole job (e.g. rank 0 alone at PP = 1)."""
     from .model import GPT
     path = resolve(path)
     model = GPT(model_config(path, **overrides), ctx, init_weights=False)
@@ -436,5 +444,5 @@ def load_model(path: str | Path, ctx, **overrides):
         return model.eval()
     saved = verify(path)
     check_shapes(saved, model, ctx, path)
-    dcp.load(model_state(model, ctx), checkpoint_id=str(path))
+    dcp.load(model_state(model, ctx), checkpoint_id=str(path), process_group=process_group)
     return model.eval()

@@ -28,7 +28,7 @@ def _default_generator(device: torch.device) -> torch.Generator:
 
 class RNGTracker:
     def __init__(self, seed: int, tp_rank: int, device: torch.device):
-        self.device = torch.device(device)
+        self.seed, self.tp_rank, self.device = seed, tp_rank, torch.device(device)
         self.states: dict[str, torch.Tensor] = {}
         for name, s in ((SHARED, seed), (TP, seed + _TP_SEED_OFFSET + tp_rank)):
             gen = torch.Generator(self.device)
@@ -46,6 +46,10 @@ class RNGTracker:
         finally:
             self.states[name] = gen.get_state()
             gen.set_state(outer)
+
+    def reseeded(self, salt: int) -> "RNGTracker":
+        """The streams seeded again from seed + salt (streams saved on another kind of device do not load)."""
+        return RNGTracker(self.seed + salt, self.tp_rank, self.device)
 
     def get_states(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.states.items()}
