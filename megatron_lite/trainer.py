@@ -21,10 +21,10 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer
-from .config import Config, gpt_config, grad_accum_steps
+from .config import Config, config_warnings, gpt_config, grad_accum_steps, train_dtype
 from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, make_sampler, prepare_corpus
 from .generate import generate
-from .hf import architecture, is_hf_model_dir, read_hf_config
+from .hf_config import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
 from .model import GPT
 from .optim import build_optimizer, lr_at
@@ -76,6 +76,8 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         else:
             log.info(f"resumed from {source} at step {state.step} ({state.consumed_samples} samples consumed)")
     log.start(model, state.step, optimizer_state_bytes=opt.state_bytes())
+    for warning in config_warnings(cfg):
+        log.info(warning)
     if ctx.is_first_rank:
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
     guard.write_status("running")
@@ -142,21 +144,35 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     log.finish()
 
 
-@torch.no_grad()
 def _evaluate(model: GPT, data: WindowSampler, cfg: Config, ctx: ParallelContext, autocast) -> float:
     """Mean loss over the same eval_iters x global-batch validation windows every time, split over DP
     like a training step, so that the value does not depend on the layout."""
-    model.eval()
     accum = grad_accum_steps(cfg, ctx.world_size)
-    total = torch.zeros((), device=ctx.device)
-    for it in range(cfg.train.eval_iters):
-        for micro in range(accum):
-            x, y = data.batch(dp_sample_indices(it * cfg.train.global_batch_size, micro,
-                                                cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size))
-            with autocast:
-                total += model(x.to(ctx.device), y.to(ctx.device))
-    model.train()
-    return _dp_mean(total / (cfg.train.eval_iters * accum), ctx)
+    batches = (data.batch(dp_sample_indices(it * cfg.train.global_batch_size, micro, cfg.train.micro_batch_size,
+                                            ctx.dp_rank, ctx.dp_size))
+               for it in range(cfg.train.eval_iters) for micro in range(accum))
+    loss_sum, tokens = evaluate_loss(model, batches, ctx, autocast)
+    return loss_sum / tokens
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, batches, ctx: ParallelContext, autocast) -> tuple[float, int]:
+    """The sum of the token losses and the number of targets (those not -100) over `batches`, this DP rank's
+    (x, y) micro-batches, both summed over DP: loss_sum / tokens is the per-token mean over everything evaluated.
+    The validation of training and `python -m megatron_lite.evaluate` both run this loop."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, tokens
+    for x, y in batches:
+        y = y.to(ctx.device)
+        count = (y != -100).sum()
+        with autocast:
+            loss = model(x.to(ctx.device), y)  # the mean over this micro-batch's targets
+        total += torch.stack([loss.double() * count, count.double()])
+    model.train(was_training)
+    if ctx.dp_size > 1:
+        dist.all_reduce(total, group=ctx.dp_group)
+    return total[0].item(), int(total[1].item())
 
 
 def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger) -> None:
@@ -177,10 +193,7 @@ def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
 
 
 def _autocast(cfg: Config, ctx: ParallelContext):
-    dtype = cfg.train.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if ctx.device.type == "cuda" else "float32"
-    if dtype == "float32":
+    if train_dtype(cfg, ctx.device.type) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
 
