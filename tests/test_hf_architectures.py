@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from distributed import run_distributed
 from megatron_lite.checkpoint import load_model
@@ -28,12 +27,11 @@ from megatron_lite.hf import hf_state_dict, to_hf
 from megatron_lite.hf_config import HFError, export_architecture, hf_config, hf_model_config, sliding_window
 from megatron_lite.optim import finalize_model_grads
 from megatron_lite.parallel import build_parallel_context
-from megatron_lite.tensor_parallel.mappings import all_gather_last
+from test_hf import V, _batch, _logits, _reference, _rel  # the same batch and measures as the Llama family
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
-V, S, B = 320, 32, 2
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=V, max_position_embeddings=64)
 
 
@@ -68,30 +66,13 @@ def _save(arch: str, root: Path):
     return path, hf
 
 
-def _batch():
-    ids = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1))
-    return ids[:, :-1], ids[:, 1:]
-
-
-def _logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return all_gather_last(model(_batch()[0]).contiguous(), model.ctx.tp_group)[..., :V]
-
-
-def _rel(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def _worker(root: str):
     from safetensors.torch import load_file, save_file
     root = Path(root)
     for arch, cls in ARCHS.items():
         path, hf = _save(arch, root)
         x, y = _batch()
-        ref_logits = hf(x).logits
-        ref = F.cross_entropy(ref_logits.flatten(0, 1), y.flatten())
-        ref.backward()
-        ref_grads = {n: p.grad for n, p in hf.named_parameters()}
+        ref_logits, ref_loss, ref_grads = _reference(hf)
         prompt = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(2)).tolist()
         hf.generation_config.eos_token_id = None  # a random model: let both run to max_new_tokens
         greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
@@ -101,12 +82,12 @@ def _worker(root: str):
             for sp in (True, False) if arch == "qwen3" else (True,):
                 tag = f"{arch} T={T} sp={sp}"
                 model = load_model(path, ctx, sequence_parallel=sp).train()
-                diff = (_logits(model) - ref_logits.detach()).abs().max().item()
+                diff = (_logits(model) - ref_logits).abs().max().item()
                 assert diff < 2e-6, f"{tag}: logits differ from transformers' by {diff:.2e}"
                 loss = model(x, y)
                 loss.backward()
                 finalize_model_grads(model)
-                assert abs(loss.item() - ref.item()) / ref.item() < 1e-6, f"{tag}: loss {loss.item()} vs {ref.item()}"
+                assert abs(loss.item() - ref_loss) / ref_loss < 1e-6, f"{tag}: loss {loss.item()} vs {ref_loss}"
                 grads = to_hf(model.config, model.full_state(grads=True))
                 assert grads.keys() == ref_grads.keys(), f"{tag}: {grads.keys() ^ ref_grads.keys()}"
                 worst = max(grads, key=lambda k: _rel(grads[k], ref_grads[k]))
@@ -115,7 +96,7 @@ def _worker(root: str):
                 assert generate(model, prompt, 16, temperature=0) == greedy, f"{tag}: not transformers' tokens"
                 if dist.get_rank() == 0:
                     print(f"{tag}: max |logits - transformers'| {diff:.1e}, loss rel "
-                          f"{abs(loss.item() - ref.item()) / ref.item():.1e}, max grad rel "
+                          f"{abs(loss.item() - ref_loss) / ref_loss:.1e}, max grad rel "
                           f"{_rel(grads[worst], ref_grads[worst]):.1e} ({worst}); greedy text equal", flush=True)
         model = load_model(path, build_parallel_context(1))
         if dist.get_rank() == 0:
