@@ -84,7 +84,8 @@ class ParallelContext:
 
     def describe(self) -> str:
         g = torch.tensor(self.grid)
-        parts = [f"TP={self.tp_size}", f"CP={self.cp_size}", f"DP={self.dp_size}", f"PP={self.pp_size}"]
+        parts = [f"DP={self.dp_size}", f"TP={self.tp_size}"] + [f"{k}={v}" for k, v in (("CP", self.cp_size),
+                                                                                       ("PP", self.pp_size)) if v > 1]
         dims = [("TP", 3, self.tp_size), ("CP", 2, self.cp_size), ("DP", 1, self.dp_size), ("PP", 0, self.pp_size)]
         groups = [f"{name} groups: {_groups(g, dim)}" for name, dim, size in dims if size > 1 or name in ("TP", "DP")]
         return f"{' x '.join(parts)} on {self.world_size} ranks ({self.device.type}); " + "; ".join(groups)
