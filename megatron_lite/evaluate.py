@@ -15,7 +15,8 @@ tokens -- by default the window the checkpoint trained with; for an HF model dir
 -- the last one shorter (padded, the padding ignored), and the windows are spread over the DP ranks in
 micro-batches of train.micro_batch_size. The loss is the mean over all those predictions (sum of the token losses
 / their count), computed by the loop that validates during training (trainer.evaluate_loss); perplexity is
-exp(loss). Rank 0 prints one line (or, with --json, one JSON object).
+exp(loss). Rank 0 prints one line to stdout (or, with --json, one JSON object); the corpus preparation reports
+on stderr.
 """
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from .checkpoint import CheckpointError, checkpoint_tokenizer, load_model, model_config, read_meta, resolve
+from .config import ConfigError
+from .data import check_data, prepare_corpus
+from .hf_config import is_hf_model_dir
+from .parallel import check_world_size, init_parallel
+from .trainer import _autocast, evaluate_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_HF_WINDOW = 2048
@@ -60,21 +73,11 @@ def main() -> None:
                     help="val: the validation split (default); all: the whole corpus")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     args = ap.parse_args()
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .checkpoint import CheckpointError
     try:  # bad input: one line, before any process group
         cfg, ckpt, config, corpus = _prepare(args)
     except (CheckpointError, ValueError, HydraException, OmegaConfBaseException) as e:  # ValueError: ConfigError,
         print(f"error: {_one_line(e)}", file=sys.stderr)  # DataError, HFError, ModelConfigError, ParallelConfigError
         sys.exit(2)
-
-    import torch.distributed as dist
-
-    from .checkpoint import load_model
-    from .parallel import init_parallel
-    from .trainer import _autocast, evaluate_loss
 
     ctx = init_parallel(cfg.parallel.tp, device=None if cfg.train.device == "auto" else cfg.train.device)
     model = load_model(ckpt, ctx, sequence_parallel=config.sequence_parallel, seq_len=config.seq_len)
@@ -95,15 +98,6 @@ def main() -> None:
 
 def _prepare(args):
     """The config, the checkpoint, its model config (window, SP) and the prepared corpus, all checked."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from .checkpoint import checkpoint_tokenizer, model_config, read_meta, resolve
-    from .config import ConfigError
-    from .data import check_data, prepare_corpus
-    from .hf_config import is_hf_model_dir
-    from .parallel import check_world_size
-
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", overrides=args.overrides))
     p, world = cfg.parallel, int(os.environ.get("WORLD_SIZE", 1))
@@ -126,7 +120,9 @@ def _prepare(args):
     if tok.vocab_size > config.vocab_size:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tok.vocab_size} tokens, more than the "
                           f"{config.vocab_size} rows of the embedding of {ckpt}: use that model's own tokenizer")
-    corpus = prepare_corpus(cfg.data, log=print if int(os.environ.get("RANK", 0)) == 0 else (lambda _: None))
+    first = int(os.environ.get("RANK", 0)) == 0  # the preparation's log goes to stderr, the result to stdout
+    corpus = prepare_corpus(cfg.data, log=(lambda line: print(line, file=sys.stderr, flush=True)) if first else
+                            (lambda _: None))
     sizes = [len(corpus.val_tokens())] if args.split == "val" else [len(corpus.train_tokens()), len(corpus.val_tokens())]
     if all(n < 2 for n in sizes):
         raise ConfigError(f"the {'validation split' if args.split == 'val' else 'corpus'} of {corpus.path} holds "
@@ -135,7 +131,6 @@ def _prepare(args):
 
 
 def _one_line(e: Exception) -> str:
-    from omegaconf.errors import MissingMandatoryValue
     if isinstance(e, MissingMandatoryValue):
         return f"{e.full_key} is required: set it on the command line ({e.full_key}=...)"
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
