@@ -229,7 +229,7 @@ def _transformers_loss(hf_dir: Path, streams: list[np.ndarray], window: int) -> 
 def test_evaluate_loss_on_a_text_equals_transformers(smol, tmp_path, nproc):
     text = (STDLIB / "textwrap.py").read_text()[:6000]
     (tmp_path / "fixed.txt").write_text(text)
-    head = [sys.executable, "-m"] + (["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    head = [sys.executable, "-m"] + (["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
                                      if nproc > 1 else [])
     proc = _run(head + ["megatron_lite.evaluate", str(smol["hf"]), "data=text", f"data.paths=[{tmp_path}/fixed.txt]",
                         f"data.cache_dir={tmp_path}/cache", "model.seq_len=150", "train.micro_batch_size=2",
