@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .hf_config import (HFError, SUPPORTED, architecture, export_architecture, hf_config,  # noqa: F401 (re-exported)
+from .hf_config import (HFError, architecture, export_architecture, hf_config,  # noqa: F401 (re-exported)
                         hf_model_config, is_hf_model_dir, read_hf_config)
 from .model import GPT, GPTConfig
 from .tensor_parallel import tp_partition_dim

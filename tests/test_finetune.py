@@ -181,13 +181,30 @@ def test_export_keeps_the_tokenizer_chat_template_and_generation_files_in_the_so
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
 
-def test_a_checkpoint_without_a_tokenizer_names_the_option_and_export_takes_one(readme_run, tmp_path):
+@pytest.fixture
+def bare_step(readme_run, tmp_path) -> Path:
+    """A copy of the run's checkpoint without its tokenizer files."""
     bare = tmp_path / "step_0000002"
     shutil.copytree(readme_run["step"], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json",
                                                                             "chat_template.jinja"))
+    return bare
+
+
+def test_a_checkpoint_without_a_tokenizer_names_the_option(readme_run, bare_step):
+    from megatron_lite.checkpoint import checkpoint_tokenizer
+    from megatron_lite.data import DataError
+    with pytest.raises(DataError) as e:
+        checkpoint_tokenizer(bare_step, None, "--tokenizer PATH")
+    assert f"{bare_step} has no tokenizer: name one with --tokenizer PATH" in str(e.value) and "\n" not in str(e.value)
+    tok = checkpoint_tokenizer(bare_step, readme_run["hf"], "--tokenizer PATH")
+    assert tok.files["tokenizer.json"] == readme_run["hf"] / "tokenizer.json"
+
+
+@pytest.mark.slow  # the CLI wiring of what the test above checks
+def test_generate_names_and_export_takes_the_tokenizer_option(readme_run, bare_step, tmp_path):
     base = [sys.executable, "-m"]
-    commands = {"generate": base + ["megatron_lite.generate", str(bare), "--max-new-tokens", "2"],
-                "export": base + ["megatron_lite.export", str(bare), str(tmp_path / "out"), "--tokenizer",
+    commands = {"generate": base + ["megatron_lite.generate", str(bare_step), "--max-new-tokens", "2"],
+                "export": base + ["megatron_lite.export", str(bare_step), str(tmp_path / "out"), "--tokenizer",
                                   str(readme_run["hf"])]}
     with ThreadPoolExecutor(2) as pool:
         done = dict(zip(commands, pool.map(lambda a: subprocess.run(a, cwd=tmp_path, env={**env(), "PYTHONPATH": str(ROOT)},
