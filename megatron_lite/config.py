@@ -19,9 +19,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from megatron_lite.data import DataConfig
-from megatron_lite.hf_config import SHAPE
-from megatron_lite.model import RopeScaling
-from megatron_lite.parallel import COLLECTIVE_TIMEOUT_S
+from megatron_lite.hf_config import SHAPE  # torch-free too
+from megatron_lite.rope_scaling import RopeScaling  # not from model.py: reading a config imports no torch
 
 if TYPE_CHECKING:
     from megatron_lite.model import GPTConfig
@@ -253,7 +252,7 @@ def validate(cfg: Config, world_size: int) -> None:
     from megatron_lite.hf import weight_files
     from megatron_lite.hf_config import HFError, architecture, is_hf_model_dir, read_hf_config
     from megatron_lite.model import ModelConfigError
-    from megatron_lite.parallel import ParallelConfigError, check_world_size
+    from megatron_lite.parallel import COLLECTIVE_TIMEOUT_S, ParallelConfigError, check_world_size
     from megatron_lite.tokenizer import tokenizer_files
 
     for key, known in _unknown_keys(cfg):

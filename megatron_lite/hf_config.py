@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .model import GPTConfig, RopeScaling
+from .rope_scaling import RopeScaling  # torch-free: config.py imports this module to read a configuration
+
+if TYPE_CHECKING:
+    from .model import GPTConfig
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _BY_MODEL_TYPE = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -68,6 +72,7 @@ def hf_model_config(path: str | Path, **overrides) -> GPTConfig:
     """The GPTConfig of an HF model directory. `overrides` set what is not the model's shape: `seq_len`, the
     training window (default: the whole context), and sequence_parallel, dropout, recompute, seed, ...
     Raises HFError for a window longer than the model's context or its sliding window."""
+    from .model import GPTConfig
     path = Path(path)
     hf = read_hf_config(path)
     fields = gpt_fields(hf, path / "config.json")
@@ -212,6 +217,7 @@ def source_config(c: GPTConfig, files: dict[str, bytes], dtype: str) -> dict | N
     """The config.json of the HF model a checkpoint of `c` was fine-tuned from (its `source_model/` files), with
     `dtype`; None when there is none, or when it describes another model than `c` (a mix-up: the computed
     config is then the truthful one)."""
+    from .model import GPTConfig
     if "config.json" not in files:
         return None
     config = json.loads(files["config.json"])

@@ -12,8 +12,8 @@ module, picked once in the constructor from GPTConfig:
 The defaults are GPT-2.
 
 Conventions that make Hugging Face conversion a rename, not a permutation (megatron_lite/hf.py):
-- RoPE in HF's `rotate_half` form (pairs i and i + D/2), applied to the whole sequence (positions 0..S-1)
-  after the sequence-parallel all-gather inside the QKV layer.
+- RoPE in HF's `rotate_half` form (pairs i and i + D/2), applied to the whole sequence (positions 0..S-1, or
+  each token's given position) after the sequence-parallel all-gather inside the QKV layer.
 - The fused QKV weight in Megatron's grouped layout: per KV group, its Q = N/G query heads, then its k,
   then its v (`[G, Q + 2, D]` output features). TP splits whole groups, so rank r holds exactly the q, k, v
   of its heads; with G == N it is the head-major `[N, 3, D]` layout of GPT-2.
@@ -38,6 +38,7 @@ from torch import nn
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
                               copy_to_tp, gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
+from .rope_scaling import RopeScaling  # noqa: F401 (its own module: the config schema needs it without torch)
 
 if TYPE_CHECKING:
     from .generate import KVCache  # inference only: the keys and values of the tokens so far
@@ -45,16 +46,6 @@ if TYPE_CHECKING:
 
 class ModelConfigError(ValueError):
     """A model shape that cannot be built or split over the requested TP size."""
-
-
-@dataclass
-class RopeScaling:
-    """Llama-3 RoPE frequency scaling (HF `rope_type: llama3`): long wavelengths slowed down by `factor`."""
-    rope_type: str = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
 
 
 @dataclass
@@ -159,7 +150,9 @@ class GPT(nn.Module):
 
     forward(tokens [B, S], targets [B, S] or None, cache=None): the mean loss over non-ignored targets, or
     this rank's vocab shard of the logits `[B, S, Vt]` (Vt = padded vocab / T) when no targets are given.
-    With a `KVCache` (inference, SP off) the tokens continue the cached sequence."""
+    With a `KVCache` (inference, SP off) the tokens continue the cached sequence. Per-token metadata (packed
+    sequences): `positions` [B, S], each token's true position (default 0..S-1); `document_ids` [B, S], a token
+    attends only to earlier tokens of its own document (`document_causal_mask`)."""
 
     def __init__(self, config: GPTConfig, ctx, init_weights: bool = True):
         super().__init__()
@@ -190,9 +183,12 @@ class GPT(nn.Module):
         # Under SP the replicated parameters (norms, row-parallel biases, position embeddings) see only this
         # rank's tokens: optim.finalize_model_grads sums their gradients over TP once per optimizer step.
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None, *,
+                positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None):
         c, ctx = self.config, self.ctx
         S = tokens.shape[1]
+        if cache is not None and (positions is not None or document_ids is not None):
+            raise ValueError("a KV cache continues one sequence: positions and document_ids are for training windows")
         start = cache.length if cache is not None else 0
         if c.position_embedding == "learned" and start + S > c.max_seq_len:
             raise ValueError(f"position {start + S - 1} is past the learned positions (max_seq_len={c.max_seq_len})")
@@ -204,16 +200,22 @@ class GPT(nn.Module):
         if c.position_embedding == "learned":
             # Under SP each rank holds the sequence block [r*S/T, (r+1)*S/T) from the embedding to the head.
             first = ctx.tp_rank * (S // T) if sp else start
-            x_SBH = x_SBH + self.wpe(torch.arange(first, first + x_SBH.shape[0], device=tokens.device)).unsqueeze(1)
+            if positions is None:
+                x_SBH = x_SBH + self.wpe(torch.arange(first, first + x_SBH.shape[0], device=tokens.device)).unsqueeze(1)
+            else:
+                lo = first - start  # this rank's sequence block of the given positions
+                x_SBH = x_SBH + self.wpe(positions[:, lo:lo + x_SBH.shape[0]].t())
             rope = None
-        else:  # rotary: the whole sequence's positions, applied after the QKV layer's SP all-gather
+        elif positions is None:  # rotary: the whole sequence's positions, applied after the QKV layer's SP all-gather
             rope = self.rotary(torch.arange(start, start + S, device=tokens.device))
+        else:  # per-sequence positions: cos and sin [B, 1, S, D], broadcast over the heads
+            rope = tuple(t.unsqueeze(1) for t in self.rotary(positions))
         x_SBH = _residual_dropout(x_SBH, c, self.rng, self.training)
         for block in self.blocks:
             if c.recompute == "full" and self.training:
-                x_SBH = checkpoint(block, self.rng, x_SBH, self.rng, rope)
+                x_SBH = checkpoint(block, self.rng, x_SBH, self.rng, rope, None, document_ids)
             else:
-                x_SBH = block(x_SBH, self.rng, rope, cache)
+                x_SBH = block(x_SBH, self.rng, rope, cache, document_ids)
         if cache is not None:
             cache.length += S
         x_SBH = self.ln_f(x_SBH)
@@ -264,9 +266,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(c)
         self.mlp = (SwiGLUMLP if c.mlp == "swiglu" else GeluMLP)(c, kw, normal, residual_out)
 
-    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None):
+    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None, document_ids=None):
         c = self.config
-        x_SBH = x_SBH + _residual_dropout(self.attn(self.ln_1(x_SBH), rng, rope, cache), c, rng, self.training)
+        x_SBH = x_SBH + _residual_dropout(self.attn(self.ln_1(x_SBH), rng, rope, cache, document_ids), c, rng,
+                                          self.training)
         return x_SBH + _residual_dropout(self.mlp(self.ln_2(x_SBH)), c, rng, self.training)
 
 
@@ -286,7 +289,7 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias,
                                       init_method=residual_out, **kw)
 
-    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None):
+    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None, document_ids=None):
         c, Q = self.config, self.q_per_group
         qkv_SBX = self.qkv(x_SBH)
         S, B, _ = qkv_SBX.shape
@@ -296,12 +299,12 @@ class Attention(nn.Module):
         q_BNtSD, k_BGtSD = self.q_norm(q_BNtSD), self.k_norm(k_BGtSD)  # Qwen3; identities otherwise
         if rope is not None:
             q_BNtSD, k_BGtSD = apply_rotary(q_BNtSD, *rope), apply_rotary(k_BGtSD, *rope)
-        mask = None
+        mask = None if document_ids is None else document_causal_mask(document_ids)
         if cache is not None:
             mask = cache.mask(S, x_SBH.device)
             k_BGtSD, v_BGtSD = cache.update(self.layer, k_BGtSD, v_BGtSD)
         if c.recompute == "selective" and self.training:
-            y_BNtSD = checkpoint(self._core, rng, q_BNtSD, k_BGtSD, v_BGtSD, rng)
+            y_BNtSD = checkpoint(self._core, rng, q_BNtSD, k_BGtSD, v_BGtSD, rng, mask)
         else:
             y_BNtSD = self._core(q_BNtSD, k_BGtSD, v_BGtSD, rng, mask)
         return self.proj(y_BNtSD.permute(2, 0, 1, 3).reshape(S, B, -1))
@@ -313,6 +316,16 @@ class Attention(nn.Module):
         with rng.fork(TP):  # each rank's heads are different heads: distinct masks
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
                                                   enable_gqa=self.q_per_group > 1)
+
+
+def document_causal_mask(document_ids_BS: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool for SDPA: query i sees key j when j <= i and both belong to the same document -- a
+    block-diagonal causal mask, so packed documents never attend to each other (with per-document positions,
+    each document computes what it computes alone). Without document ids the model uses SDPA's own causal
+    mask (`is_causal`, the flash kernel on GPUs); a mask selects the memory-efficient or math kernel."""
+    S = document_ids_BS.shape[1]
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=document_ids_BS.device).tril()
+    return ((document_ids_BS.unsqueeze(2) == document_ids_BS.unsqueeze(1)) & causal_SS).unsqueeze(1)
 
 
 class GeluMLP(nn.Module):

@@ -3,7 +3,8 @@
 One optimizer step consumes `train.global_batch_size` sequences: each DP rank runs `grad_accum` micro-batches
 of `train.micro_batch_size`; the gradients are reduced over the DP group once, during the last micro-batch's
 backward (DDP's all-reduce, or the distributed optimizer's reduce-scatter under parallel.zero=1), and
-finalized (optim.finalize_model_grads) once per optimizer step.
+finalized (optim.finalize_model_grads) once per optimizer step. The step's loss is the mean over all of its
+counted targets (token_loss.py: each micro-batch's loss is weighted by its share of them).
 
 At every step boundary the ranks agree whether to stop (a stop signal, the time limit) and on the outcome of
 the checkpoint in flight; a hang watchdog is armed for every step, evaluation and save (resilience.py).
@@ -22,7 +23,8 @@ from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer
 from .config import Config, config_warnings, gpt_config, grad_accum_steps, train_dtype
-from .data import TokenizedCorpus, WindowSampler, dp_sample_indices, make_sampler, prepare_corpus
+from .data import TokenizedCorpus, dp_sample_indices, prepare_corpus
+from .data.packing import make_windows
 from .generate import generate
 from .hf_config import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
@@ -30,6 +32,7 @@ from .model import GPT
 from .optim import build_optimizer, lr_at
 from .parallel import ParallelContext, init_parallel
 from .resilience import RunGuard
+from .token_loss import dp_cp_mean, forward_backward, mean_loss
 
 
 class DivergenceError(RuntimeError):
@@ -83,8 +86,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     guard.write_status("running")
 
     accum = grad_accum_steps(cfg, ctx.world_size)
-    train_data = make_sampler(cfg.data.sampling, corpus.train_tokens(), cfg.model.seq_len, cfg.train.seed, name="train")
-    val_data = make_sampler(cfg.data.sampling, corpus.val_tokens(), cfg.model.seq_len, cfg.train.seed + 1, name="val")
+    train_data, val_data = make_windows(cfg.data, corpus, cfg.model.seq_len, cfg.train.seed, log=log.info)
     if cfg.data.sampling == "epoch":
         log.info(f"data: epochs of {train_data.windows:,} windows ({train_data.windows / cfg.train.global_batch_size:,.1f} "
                  f"steps); sample {state.consumed_samples:,} is in epoch {train_data.epoch(state.consumed_samples)}")
@@ -98,17 +100,11 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         lr = lr_at(state.step, cfg.optim, cfg.train.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=ctx.device)
-        for micro in range(accum):
-            x, y = train_data.batch(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
-                                                      ctx.dp_rank, ctx.dp_size))
-            sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
-            with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
-                loss = forward(x.to(ctx.device), y.to(ctx.device))
-                (loss / accum).backward()
-            loss_sum += loss.detach()
+        batches = [train_data.sample(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
+                                                       ctx.dp_rank, ctx.dp_size)) for micro in range(accum)]
+        loss_sum = forward_backward(forward, opt, batches, ctx, autocast)
         norm = opt.prepare_grads()  # finalize: DP reduction done, SP-replicated grads summed over TP; global norm
-        loss_avg, norm_value = _dp_mean(loss_sum / accum, ctx), norm.item()
+        loss_avg, norm_value = dp_cp_mean(loss_sum / accum, ctx), norm.item()
         if not (math.isfinite(loss_avg) and math.isfinite(norm_value)):  # before the update spoils the weights
             what = f"loss is {loss_avg}" if not math.isfinite(loss_avg) else f"grad norm is {norm_value}"
             log.info(f"error: {what} at step {state.step + 1}")
@@ -144,35 +140,18 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     log.finish()
 
 
-def _evaluate(model: GPT, data: WindowSampler, cfg: Config, ctx: ParallelContext, autocast) -> float:
-    """Mean loss over the same eval_iters x global-batch validation windows every time, split over DP
-    like a training step, so that the value does not depend on the layout."""
-    accum = grad_accum_steps(cfg, ctx.world_size)
-    batches = (data.batch(dp_sample_indices(it * cfg.train.global_batch_size, micro, cfg.train.micro_batch_size,
-                                            ctx.dp_rank, ctx.dp_size))
-               for it in range(cfg.train.eval_iters) for micro in range(accum))
-    loss_sum, tokens = evaluate_loss(model, batches, ctx, autocast)
-    return loss_sum / tokens
-
-
 @torch.no_grad()
-def evaluate_loss(model: GPT, batches, ctx: ParallelContext, autocast) -> tuple[float, int]:
-    """The sum of the token losses and the number of targets (those not -100) over `batches`, this DP rank's
-    (x, y) micro-batches, both summed over DP: loss_sum / tokens is the per-token mean over everything evaluated.
-    The validation of training and `python -m megatron_lite.evaluate` both run this loop."""
-    was_training = model.training
+def _evaluate(model: GPT, data, cfg: Config, ctx: ParallelContext, autocast) -> float:
+    """Mean loss over the counted targets of the same eval_iters x global-batch validation windows every time,
+    split over DP like a training step, so that the value does not depend on the layout."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, tokens
-    for x, y in batches:
-        y = y.to(ctx.device)
-        count = (y != -100).sum()
-        with autocast:
-            loss = model(x.to(ctx.device), y)  # the mean over this micro-batch's targets
-        total += torch.stack([loss.double() * count, count.double()])
-    model.train(was_training)
-    if ctx.dp_size > 1:
-        dist.all_reduce(total, group=ctx.dp_group)
-    return total[0].item(), int(total[1].item())
+    accum = grad_accum_steps(cfg, ctx.world_size)
+    batches = [data.sample(dp_sample_indices(it * cfg.train.global_batch_size, micro, cfg.train.micro_batch_size,
+                                             ctx.dp_rank, ctx.dp_size))
+               for it in range(cfg.train.eval_iters) for micro in range(accum)]
+    loss, _ = mean_loss(model, batches, ctx, autocast)
+    model.train()
+    return loss
 
 
 def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger) -> None:
@@ -183,13 +162,6 @@ def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger
     ids = generate(model, tok.frame(tok.encode(s.prompt), last=False), s.max_new_tokens, temperature=s.temperature,
                    top_k=s.top_k, seed=cfg.train.seed, eos_id=tok.eos_id)
     log.info("sample:\n" + tok.decode(ids))
-
-
-def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
-    value = value.detach().float().clone()
-    if ctx.dp_size > 1:
-        dist.all_reduce(value, group=ctx.dp_group)
-    return value.item() / ctx.dp_size
 
 
 def _autocast(cfg: Config, ctx: ParallelContext):

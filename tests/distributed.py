@@ -28,3 +28,15 @@ def _worker(rank, world_size, port, fn, args):
 def run_distributed(fn, world_size: int, *args) -> None:
     """Call fn(*args) on `world_size` gloo ranks; a failure on any rank fails the caller with its traceback."""
     mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank of the world."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def max_rel_err(got: dict, want: dict) -> float:
+    """The largest relative error (L2 norms) over the tensors of `want`."""
+    return max(((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)).item() for k in want)

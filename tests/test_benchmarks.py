@@ -134,4 +134,5 @@ def test_data_preparation_section_runs_and_prints(tmp_path):
     res = run.main(["--quick", "--sections", "9", "--out", str(out)])["data"]
     assert [r["mb"] for r in res["sizes"]] == [2, 8] and set(res["workers"]) == {1, 2}
     assert res["workers"][1]["text_bytes"] == res["workers"][2]["text_bytes"] > 2e6
+    assert res["hf"]["pipeline"] > 0 and res["hf"]["pieces"] > 0 and len(res["long_line"]) == 4
     assert any("== 9. data preparation" in line for line in json.loads(out.read_text())["report"])

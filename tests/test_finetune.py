@@ -106,8 +106,7 @@ def _as_test(command: str, smol: dict) -> list[str]:
         args += ["train.global_batch_size=2", "train.micro_batch_size=1", "train.eval_iters=1", "logging.every=1",
                  "sample.max_new_tokens=0"]
     if "train.py" in command or "megatron_lite.evaluate" in command:
-        # a 135 KB corpus: 5% of it may hold out nothing (issue 17, item 2, is the data helper's)
-        args += [f"data.cache_dir={tmp}/cache", "data.workers=1", "data.val_fraction=0.2"]
+        args += [f"data.cache_dir={tmp}/cache", "data.workers=1"]
     if "megatron_lite.evaluate" in command:
         args += ["--json"]
     if "megatron_lite.generate" in command:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from distributed import run_distributed
+from distributed import broadcast, max_rel_err, run_distributed
 from megatron_lite.checkpoint import _full_state, load_state
 from megatron_lite.comm_count import CollectiveCounter
 from megatron_lite.model import GPT, GPTConfig
@@ -85,23 +85,12 @@ def build(ctx, cfg, sp, zero, **kw):
     return model, build_optimizer(model, OPTIM, ctx, zero=zero, **({"bucket_bytes": BUCKET} | kw if zero else {}))
 
 
-def max_rel_err(got: dict, want: dict) -> float:
-    return max(((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)).item() for k in want)
-
-
 def all_max(x: float, ctx) -> float:
     """The maximum of x over the ranks of ctx's grid."""
     t = torch.tensor([x], dtype=torch.float64)
     for group in (ctx.tp_group, ctx.dp_group):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.item()
-
-
-def broadcast(obj):
-    """Rank 0's `obj` on every rank of the world."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---- the world's work ------------------------------------------------------------------------------------

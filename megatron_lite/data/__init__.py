@@ -10,7 +10,13 @@
     lock.py      exactly one builder across ranks, jobs and nodes; the others poll, with no timeout
     progress.py  rate, ETA, progress bar
     cache.py     TokenizedCorpus: a complete cache on disk, checked before use
+    verify.py    its checksums (and the corpus files') verified once per job, by one process
+    clean.py     python -m megatron_lite.data --clean: damaged copies, abandoned builds, dead locks
     sampler.py   training windows: random (with replacement) or epochs (a permutation per epoch)
+    chat_template.py  the model's chat template, rendered as transformers renders it; the assistant's spans
+    chat.py      chat and prompt/completion rows as token ids, and which ones the loss counts
+    chat_prepare.py  the build of a chat cache: token ids and, beside them, a flags byte per token (loss, start)
+    packing.py   windows with per-token metadata: packed conversations, padding, document masks for text
     __main__.py  python -m megatron_lite.data: the preparation command, with train.py's Hydra config
 
 The tokenizers themselves are in megatron_lite/tokenizer.py. The names below are imported on first use, so

@@ -19,20 +19,25 @@ import sentencepiece as spm
 
 from .config import DataConfig, DataError, check_settings, token_dtype
 
-FORMAT_VERSION = 2  # bump when the cache layout, the split or the encoding changes, so old caches are not reused
+FORMAT_VERSION = 3  # bump when the cache layout, the split or the encoding changes, so old caches are not reused
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+UNREAD = {".xz": "xz -d", ".lzma": "xz -d", ".bz2": "bunzip2", ".lz4": "lz4 -d", ".zip": "unzip", ".7z": "7z x",
+          ".tar": "tar xf", ".tgz": "tar xzf", ".br": "brotli -d"}  # archives and compressions read by nothing here
 EXTRA = "pip install 'megatron-lite[data]'"
 
 
 def file_format(path: Path) -> tuple[str, str | None]:
-    """(format, compression): format is jsonl (.jsonl, .ndjson), parquet, or text (anything else)."""
+    """(format, compression): format is jsonl (.jsonl, .ndjson), json (.json: JSON Lines or refused, by its first
+    byte; readers.py), parquet, or text (anything else)."""
     name = path.name.lower()
     compression = next((c for ext, c in COMPRESSIONS.items() if name.endswith(ext)), None)
     if compression:
         name = name.rsplit(".", 1)[0]
     if name.endswith((".jsonl", ".ndjson")):
         return "jsonl", compression
+    if name.endswith(".json"):
+        return "json", compression
     return ("parquet" if name.endswith(".parquet") else "text"), compression
 
 
@@ -45,6 +50,10 @@ def corpus_files(cfg: DataConfig) -> list[Path]:
         if not os.access(f, os.R_OK):
             raise DataError(f"corpus file {f} is not readable: fix its permissions or leave it out of data.paths")
         fmt, compression = file_format(f)
+        unread = next((ext for ext in UNREAD if f.name.lower().endswith(ext)), None)
+        if unread:
+            raise DataError(f"corpus file {f} is a {unread} file, which megatron-lite does not read: unpack it "
+                            f"({UNREAD[unread]}) and give the text, or recompress it as .gz or .zst")
         if fmt == "parquet" and compression:
             raise DataError(f"corpus file {f}: Parquet compresses inside the file; give the .parquet itself")
         kinds.setdefault(fmt, f)
@@ -72,30 +81,43 @@ def _text_files(paths: list[str]) -> list[Path]:
     files = set()
     for p in paths:
         matches = [Path(m).resolve() for m in glob.glob(os.path.expanduser(p), recursive=True)]
-        matches = [m for m in matches if m.is_file()]
-        if not matches:
+        found = [m for m in matches if m.is_file()]
+        if not found and any(m.is_dir() for m in matches):
+            raise DataError(f"data.paths entry {p!r} is a directory: use '{p.rstrip('/')}/**' for every file under "
+                            f"it, or a pattern such as '{p.rstrip('/')}/**/*.txt'")
+        if not found:
             raise DataError(f"data.paths entry {p!r} matches no file: give existing files or globs")
-        files.update(matches)
+        files.update(found)
     return sorted(files)
+
+
+def given_tokenizer(cfg: DataConfig):
+    """data.tokenizer with data.eos_token / data.bos_token."""
+    from ..tokenizer import load_tokenizer
+    return load_tokenizer(cfg.tokenizer, cfg.eos_token, cfg.bos_token)
 
 
 def check_data(cfg: DataConfig) -> list[Path]:
     """Everything about the data that can be checked without reading the corpus; sets data.vocab_size from
     data.tokenizer when one is given (the model's vocabulary is the tokenizer's)."""
-    from ..tokenizer import load_tokenizer
     files = corpus_files(cfg)
     if cfg.tokenizer:
-        cfg.vocab_size = load_tokenizer(cfg.tokenizer).vocab_size
+        cfg.vocab_size = given_tokenizer(cfg).vocab_size
     token_dtype(cfg, cfg.vocab_size)
+    if cfg.format != "text":
+        from .chat_prepare import check_chat
+        check_chat(cfg, files)
     return files
 
 
 def corpus_key(files: list[Path], cfg: DataConfig) -> str:
     """The cache directory's name: settings, tokenizer, and each file's path, size and modification time."""
-    from ..tokenizer import load_tokenizer
-    tokenizer = (load_tokenizer(cfg.tokenizer).fingerprint if cfg.tokenizer else
+    tokenizer = (given_tokenizer(cfg).fingerprint if cfg.tokenizer else
                  ["sentencepiece-bpe", spm.__version__, cfg.vocab_size, cfg.max_tokenizer_chars])
-    settings = [FORMAT_VERSION, tokenizer, cfg.val_fraction, cfg.text_key, cfg.token_dtype]
+    settings = [FORMAT_VERSION, tokenizer, cfg.val_fraction, cfg.text_key, cfg.token_dtype, cfg.binary_files, cfg.bad_utf8]
+    if cfg.format != "text":  # chat formats: the format and the chat template (text keys stay as they were)
+        from .chat_prepare import check_chat
+        settings.append(check_chat(cfg, files))
     h = hashlib.sha256(json.dumps(settings).encode())
     for f in files:
         st = f.stat()

@@ -139,19 +139,29 @@ def build_once(out: Path, build: Callable[[Path, Path | None, HeldLock], None], 
     complete contents into `work`, resuming from `previous` (a dead builder's directory) when given."""
     root, key = out.parent, out.name
     root.mkdir(parents=True, exist_ok=True)
+    return run_once(root, key, lambda: check(out) is None, lambda held: _build(out, held, build, check, log), log,
+                    doing=f"preparing {out}", task=f"the preparation of {out}",
+                    first_gen=lambda: 1 + max(_generations(root, key, "build") + [-1]))
+
+
+def run_once(root: Path, key: str, ready: Callable[[], bool], run: Callable[[HeldLock], bool],
+             log: Callable[[str], None], *, doing: str, task: str, first_gen: Callable[[], int] = lambda: 0) -> bool:
+    """Exactly one process at a time runs `run(lock)` (holding `<root>/<key>.lock.<gen>`) until `ready()`; the
+    others poll, print the holder's progress, and take over from a dead holder. Return `run`'s result if this
+    process ran it, False if it found `ready()` (at once or after waiting). A run that raises leaves
+    `<root>/<key>.failed` with its message, which the processes waiting on it raise too."""
     seen: dict[int, tuple[str, float]] = {}  # generation -> (content, when this process first saw it)
     watched, reported = None, float("-inf")
     while True:
-        if check(out) is None:
+        if ready():
             return False
         gens = _generations(root, key, "lock")
         if not gens:
             if watched is not None:
                 _raise_if_failed(root / f"{key}.failed", watched)
-            gen = 1 + max(_generations(root, key, "build") + [-1])
-            held = _try_lock(root, key, gen)
+            held = _try_lock(root, key, first_gen())
             if held:
-                return _build(out, held, build, check, log)
+                return _run(root, key, held, run, task)
             continue
         gen = gens[-1]
         got = _read(root / f"{key}.lock.{gen}")
@@ -166,12 +176,12 @@ def build_once(out: Path, build: Callable[[Path, Path | None, HeldLock], None], 
             held = _try_lock(root, key, gen + 1)
             if held:
                 why = "its process is gone" if alive is False else f"its lock has not changed for {STALE_S:.0f} s"
-                log(f"data: taking over the preparation of {out} from {_who(info)}: {why}")
-                return _build(out, held, build, check, log)
+                log(f"data: taking over {task} from {_who(info)}: {why}")
+                return _run(root, key, held, run, task)
             continue
         watched = info.get("token", watched)
         if now - reported >= REPORT_S:
-            log(f"data: {_who(info)} is preparing {out}; waiting for it (polling, no timeout): "
+            log(f"data: {_who(info)} is {doing}; waiting for it (polling, no timeout): "
                 f"{describe(info.get('status', {}))}")
             reported = now
         time.sleep(POLL_S)
@@ -190,31 +200,9 @@ def _raise_if_failed(marker: Path, token: str) -> None:
         raise DataError(failed["message"])
 
 
-def _build(out: Path, held: HeldLock, build, check, log) -> bool:
-    root, key = out.parent, out.name
+def _run(root: Path, key: str, held: HeldLock, run: Callable[[HeldLock], bool], task: str) -> bool:
     try:
-        problem = check(out)
-        if problem is None:  # completed by another process between our check and our lock
-            return False
-        if out.exists():  # damaged: set aside, never deleted (another job may still have it open)
-            aside = root / f"{key}.damaged.{time.strftime('%Y%m%d-%H%M%S')}"
-            os.rename(out, aside)
-            log(f"data: cache {out} is damaged ({problem}): moved to {aside}, preparing it again")
-        older = [g for g in _generations(root, key, "build") if g < held.gen]
-        previous = root / f"{key}.build.{older[-1]}" if older else None
-        work = root / f"{key}.build.{held.gen}"
-        build(work, previous, held)
-        if held.lost:
-            raise DataError(f"data: this process stalled for over {STALE_S:.0f} s while preparing {out} and another "
-                            f"took the build over")
-        try:
-            os.rename(work, out)
-        except OSError:
-            if check(out) is not None:
-                raise
-            shutil.rmtree(work, ignore_errors=True)  # another (hung, then revived) builder finished first
-        for g in older:
-            shutil.rmtree(root / f"{key}.build.{g}", ignore_errors=True)
+        done = run(held)
         for g in _generations(root, key, "lock"):
             if g < held.gen:
                 (root / f"{key}.lock.{g}").unlink(missing_ok=True)
@@ -222,12 +210,39 @@ def _build(out: Path, held: HeldLock, build, check, log) -> bool:
             if held.token not in stray.name:
                 stray.unlink(missing_ok=True)
         (root / f"{key}.failed").unlink(missing_ok=True)
-        return True
+        return done
     except Exception as e:
-        message = str(e) if isinstance(e, DataError) else f"preparing {out} failed: {type(e).__name__}: {e}"
+        message = str(e) if isinstance(e, DataError) else f"{task} failed: {type(e).__name__}: {e}"
         tmp = root / f"{key}.failed.{held.token}.tmp"
         tmp.write_text(json.dumps({"token": held.token, "message": message}))
         os.replace(tmp, root / f"{key}.failed")
         raise
     finally:
         held.release()
+
+
+def _build(out: Path, held: HeldLock, build, check, log) -> bool:
+    root, key = out.parent, out.name
+    problem = check(out)
+    if problem is None:  # completed by another process between our check and our lock
+        return False
+    if out.exists():  # damaged: set aside, never deleted (another job may still have it open)
+        aside = root / f"{key}.damaged.{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(out, aside)
+        log(f"data: cache {out} is damaged ({problem}): moved to {aside}, preparing it again")
+    older = [g for g in _generations(root, key, "build") if g < held.gen]
+    previous = root / f"{key}.build.{older[-1]}" if older else None
+    work = root / f"{key}.build.{held.gen}"
+    build(work, previous, held)
+    if held.lost:
+        raise DataError(f"data: this process stalled for over {STALE_S:.0f} s while preparing {out} and another "
+                        f"took the build over")
+    try:
+        os.rename(work, out)
+    except OSError:
+        if check(out) is not None:
+            raise
+        shutil.rmtree(work, ignore_errors=True)  # another (hung, then revived) builder finished first
+    for g in older:
+        shutil.rmtree(root / f"{key}.build.{g}", ignore_errors=True)
+    return True

@@ -35,11 +35,16 @@ def worker_pool(workers: int):
     if workers == 1:
         yield None
         return
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
+                               initargs=(os.getpid(),))
     try:
         yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # an error, Ctrl-C: stop the workers now rather than after their current tasks
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
@@ -80,8 +85,8 @@ def sample_pass(files: list[Path], cfg: DataConfig, pool, window: int, progress:
     chars, cutoff = 0, [2**64]  # a segment ranked at or above the cutoff can no longer make the sample
 
     def items():
-        for task in tasks(files, cfg.text_key):
-            yield task, cfg.text_key, cfg.val_fraction, cutoff[0]
+        for task in tasks(files, cfg):
+            yield task, cfg, cutoff[0]
 
     for res in _ordered(pool, sample_task, items(), window):
         for rank, lines in res.candidates:
@@ -104,18 +109,20 @@ def sample_pass(files: list[Path], cfg: DataConfig, pool, window: int, progress:
 
 
 def encode_pass(files: list[Path], cfg: DataConfig, work: Path, state: dict, dtype: str, pool, window: int,
-                held: HeldLock, progress: Progress, save: Callable[[], None]) -> dict[str, str]:
+                held: HeldLock, progress: Progress, save: Callable[[], None], sources: dict[str, str]
+                ) -> dict[str, str]:
     """Append the token ids of every task not yet counted in `state` to work/train.bin and val.bin, updating
-    `state` and calling save() about every second (after flushing); return the files' sha256."""
+    `state` and calling save() about every second (after flushing); return the .bin files' sha256. `sources`
+    receives each corpus file's sha256 (the main process reads every file, done tasks included)."""
     digests = {name: hashlib.sha256() for name in BINS}
     for name in BINS:  # the part copied from a previous attempt
         with open(work / name, "rb") as f:
             while chunk := f.read(1 << 24):
                 digests[name].update(chunk)
-    all_tasks = tasks(files, cfg.text_key)
+    all_tasks = tasks(files, cfg, sources)
     for task in islice(all_tasks, state["tasks"]):  # done before: count them as progress
         progress.update(sum(p.disk for p in task), 0)
-    items = ((task, cfg.text_key, cfg.val_fraction, str(work), dtype) for task in all_tasks)
+    items = ((task, cfg, str(work), dtype) for task in all_tasks)
     stats, saved = Stats(**state["stats"]), time.monotonic()
     with open(work / "train.bin", "ab") as train, open(work / "val.bin", "ab") as val:
         outs = {"train.bin": train, "val.bin": val}

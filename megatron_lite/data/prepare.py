@@ -34,12 +34,13 @@ from ..tokenizer import load_tokenizer, train_sentencepiece
 from . import readers
 from .cache import BINS, TokenizedCorpus, problem
 from .config import DataConfig, DataError, token_dtype
-from .corpus import FORMAT_VERSION, check_data, corpus_key
+from .corpus import FORMAT_VERSION, check_data, corpus_key, given_tokenizer
 from .encode import Stats
 from .lock import HeldLock, build_once
 from .passes import encode_pass, sample_pass, worker_pool
-from .progress import Progress, human_bytes
-from .split import SEGMENT
+from .progress import Progress, human_bytes, human_time
+from .verify import FILES, stamp, verify_once
+from .split import LINE_MAX, SEGMENT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE = "progress.json"
@@ -62,8 +63,15 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
                            "script's top-level code under `if __name__ == '__main__':`")
     files = check_data(cfg)
     out = cache_root(cfg) / corpus_key(files, cfg)
-    built = build_once(out, lambda work, previous, held: _build(files, cfg, out.name, work, previous, held, log,
-                                                                  progress_bar), problem, log)
+    build = _build if cfg.format == "text" else _build_chat
+    for attempt in range(3):  # a cache found damaged is prepared again, and that one verified in turn
+        built = build_once(out, lambda work, previous, held: build(files, cfg, out.name, work, previous, held, log,
+                                                                     progress_bar), problem, log)
+        if built or (wrong := verify_once(out, cfg, log)) is None:
+            break
+        log(f"data: cache {out} is damaged ({wrong}): it is set aside and prepared again")
+    else:
+        raise DataError(f"data cache {out} was found damaged after each of 3 preparations ({wrong}): check the disk")
     corpus = TokenizedCorpus.open(out)
     if built:
         m = corpus.meta
@@ -71,19 +79,35 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print, *, progr
             f"val tokens in {m['seconds']:.1f} s")
     else:
         log(f"data: using cached tokens in {out}")
+    log(f"data: tokenizer: {corpus.meta['tokenizer']['describe']}")
+    if corpus.changes():
+        log(f"data: left out or changed by the preparation: {corpus.changes()}")
+    if cfg.format != "text":
+        from .chat_prepare import describe_tokens
+        log(f"data: {describe_tokens(corpus.meta)}")
     return corpus
+
+
+def _build_chat(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: Path | None, held: HeldLock,
+                log: Callable[[str], None], bar: bool) -> None:
+    """data.format=chat | prompt_completion: data/chat_prepare.py builds, with this module's tokenizer record."""
+    from .chat_prepare import build
+    total = sum(f.stat().st_size for f in files)
+    workers = min(cfg.workers or available_cores(), max(1, -(-total // readers.BLOCK)))
+    build(files, cfg, key, work, previous, held, log, bar, workers, _tokenizer_meta)
 
 
 def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: Path | None, held: HeldLock,
            log: Callable[[str], None], bar: bool) -> None:
     t0 = time.time()
-    total = sum(f.stat().st_size for f in files)
+    stamps = {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in files}
+    total = sum(size for size, _ in stamps.values())
     workers = min(cfg.workers or available_cores(), max(1, -(-total // readers.BLOCK)))  # not more than tasks
     state = _start(work, previous, log)
     with worker_pool(workers) as pool:
         if not state["tokenizer"]:
             if cfg.tokenizer:
-                load_tokenizer(cfg.tokenizer).save(work)
+                given_tokenizer(cfg).save(work)
             else:
                 lines = sample_pass(files, cfg, pool, 2 * workers, Progress("sampling text for the tokenizer", total,
                                                                             log, held.status, bar=bar))
@@ -91,14 +115,23 @@ def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: P
                 held.status.clear()
                 held.status["stage"] = f"training the tokenizer (vocab {cfg.vocab_size}) on {human_bytes(size)}"
                 log(f"data: {held.status['stage']} ...")
+                t1 = time.time()
                 (work / "tokenizer.model").write_bytes(train_sentencepiece(lines, cfg.vocab_size))
+                log(f"data: {held.status['stage']}: done in {human_time(time.time() - t1)}")
                 del lines
             state["tokenizer"] = True
             _save_state(work, state)
         tok = load_tokenizer(work)
         dtype = token_dtype(cfg, tok.vocab_size)
+        sources: dict[str, str] = {}
         digests = encode_pass(files, cfg, work, state, dtype.name, pool, 2 * workers, held,
-                              Progress("tokenizing", total, log, held.status, bar=bar), lambda: _save_state(work, state))
+                              Progress("tokenizing", total, log, held.status, bar=bar), lambda: _save_state(work, state),
+                              sources)
+    for f, (size, mtime) in stamps.items():
+        if (f.stat().st_size, f.stat().st_mtime_ns) != (size, mtime):
+            raise DataError(f"corpus file {f} changed while it was being prepared: prepare again once it is final")
+    (work / FILES).write_text(json.dumps([dict(path=str(f), size=size, mtime_ns=mtime, sha256=sources[str(f)])
+                                          for f, (size, mtime) in stamps.items()]))
     stats = Stats(**state["stats"])
     if stats.documents == 0:
         raise DataError(f"the corpus ({len(files)} files{', e.g. ' + str(files[0]) if files else ''}) holds no text: "
@@ -107,16 +140,23 @@ def _build(files: list[Path], cfg: DataConfig, key: str, work: Path, previous: P
         format=FORMAT_VERSION, key=key, name=cfg.name, paths=list(cfg.paths), files=len(files), text_key=cfg.text_key,
         val_fraction=cfg.val_fraction, documents=stats.documents, text_bytes=stats.text_bytes,
         segments=stats.segments, val_segments=stats.val_segments, corpus=_corpus_id(stats, cfg),
+        bad_utf8=dict(replaced=sum(stats.bad_utf8.values()), files=stats.bad_utf8),
+        skipped=stats.skipped,
         train_tokens=state["train.bin"] // dtype.itemsize, val_tokens=state["val.bin"] // dtype.itemsize,
-        dtype=dtype.name, sha256=digests,
-        tokenizer=dict(kind=tok.kind, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
-                       add_bos=tok.add_bos, fingerprint=tok.fingerprint, describe=tok.describe(),
-                       source=str(cfg.tokenizer) if cfg.tokenizer else "trained on this corpus",
-                       files={name: (work / name).stat().st_size for name in tok.files}),
+        dtype=dtype.name, sha256=digests, tokenizer=_tokenizer_meta(tok, cfg, work),
         seconds=time.time() - t0, workers=workers, host=socket.gethostname())
     (work / "meta.json").write_text(json.dumps(meta, indent=1))
+    stamp(work, corpus=True, seconds=0.0)  # the checksums were computed from the corpus just now
     (work / STATE).unlink()
     (work / "DONE").touch()
+
+
+def _tokenizer_meta(tok, cfg: DataConfig, work: Path) -> dict:
+    return dict(kind=tok.kind, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id, add_bos=tok.add_bos,
+                fingerprint=tok.fingerprint,
+                describe=(given_tokenizer(cfg) if cfg.tokenizer else tok).describe(),  # with its reasons
+                source=str(cfg.tokenizer) if cfg.tokenizer else "trained on this corpus",
+                files={name: (work / name).stat().st_size for name in tok.files})
 
 
 def _corpus_id(stats: Stats, cfg: DataConfig) -> str:
@@ -137,7 +177,7 @@ def _start(work: Path, previous: Path | None, log) -> dict:
     for name in BINS:
         (work / name).touch()
     fresh = {"tokenizer": False, "tasks": 0, "train.bin": 0, "val.bin": 0, "stats": asdict(Stats()),
-             "cuts": [readers.BLOCK, SEGMENT]}  # what a task is: resume only a build cut the same way
+             "cuts": [readers.BLOCK, SEGMENT, LINE_MAX]}  # what a task is: resume only a build cut the same way
     try:
         state = json.loads((previous / STATE).read_text()) if previous else None
     except (OSError, ValueError):

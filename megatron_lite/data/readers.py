@@ -2,28 +2,36 @@
 
 The main process reads the text-like files (plain text and JSONL, compressed or not) front to back, as a disk
 likes it, and cuts them into pieces of whole lines at the first line start after every BLOCK bytes of the
-decompressed file; Parquet files are cut by row group, which a worker reads itself. Consecutive pieces are
-grouped into tasks of at least BLOCK bytes. The cuts depend only on the files, never on the number of
-workers, and no more than a few tasks per worker are in flight, so memory does not grow with the corpus.
+decompressed file (a line longer than split.LINE_MAX is several lines: memory is bounded whatever the input);
+Parquet files are cut by row group, which a worker reads itself. Consecutive pieces are grouped into tasks of
+at least BLOCK bytes. The cuts depend only on the files, never on the number of workers, and no more than a few
+tasks per worker are in flight, so memory does not grow with the corpus. While reading, the main process
+hashes each file's bytes (sha256): the content fingerprint recorded in the cache's files.json.
 
 Documents: a plain-text file is one document (read in pieces: a worker may see part of it); a JSONL line's
-`data.text_key` field is one; so is a Parquet row's `data.text_key` column. Bad input (malformed JSON, a
-missing field, an unreadable file) raises DataError naming the file and line.
+`data.text_key` field is one; so is a Parquet row's `data.text_key` column; a `.json` file is JSON Lines when
+it starts with an object. Bad input (malformed JSON, a missing field, an unreadable file, binary content,
+invalid UTF-8 under data.bad_utf8=error) raises DataError naming the file and line; what data.binary_files=skip
+and data.bad_utf8=replace let through is counted per file (Stats), never dropped or changed silently.
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .config import DataError
+from .config import DataConfig, DataError
 from .corpus import file_format
-from .split import first_segment
+from .split import LINE_MAX, first_start, first_segment, last_start
 
 BLOCK = 1 << 20  # bytes of text per piece (a multiple of split.SEGMENT) and at least per task
+SNIFF = 8192  # bytes at the start of a file that tell text from binary
+BINARY_SHARE = 0.3  # of the sniffed bytes that are not UTF-8: binary (Latin-1 text has a few percent)
+BAD_UTF8_SHARE = 0.001  # data.bad_utf8=replace: more invalid bytes than this share of a piece: not UTF-8 at all
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Piece:
     last: bool = True  # text: the file (the document) ends in this piece
     prev_line_start: int | None = None  # text: where the line before `offset` starts (None: offset is 0)
     head: bytes | None = None  # text: the document's first segment, when this piece is not the first
+    skipped: str | None = None  # the whole file is left out (data.binary_files=skip), and why
 
 
 @dataclass
@@ -55,10 +64,11 @@ class Doc:
 # ---------------------------------------------------------------- main process: files -> tasks
 
 
-def tasks(files: list[Path], text_key: str) -> Iterator[list[Piece]]:
+def tasks(files: list[Path], cfg: DataConfig, digests: dict[str, str] | None = None) -> Iterator[list[Piece]]:
+    """The corpus as tasks; `digests` (when given) receives each file's sha256 once it has been read whole."""
     group, size = [], 0
     for path in files:
-        for piece in _pieces(path, text_key):
+        for piece in _pieces(path, cfg, digests):
             group.append(piece)
             size += piece.size
             if size >= BLOCK:
@@ -68,39 +78,105 @@ def tasks(files: list[Path], text_key: str) -> Iterator[list[Piece]]:
         yield group
 
 
-def _pieces(path: Path, text_key: str) -> Iterator[Piece]:
+def _pieces(path: Path, cfg: DataConfig, digests: dict[str, str] | None) -> Iterator[Piece]:
     fmt, compression = file_format(path)
+    sha = hashlib.sha256()
     try:
         if fmt == "parquet":
-            yield from _row_groups(path, text_key)
+            yield from _row_groups(path, cfg.text_key)
+            if digests is not None:
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        sha.update(chunk)
         else:
-            yield from _line_pieces(path, fmt, compression)
+            yield from _line_pieces(path, fmt, compression, cfg.binary_files, sha)
     except DataError:
         raise
     except Exception as e:  # OSError, EOFError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException, ...
         raise DataError(f"cannot read corpus file {path}: {type(e).__name__}: {e}") from None
+    if digests is not None:
+        digests[str(path)] = sha.hexdigest()
 
 
-def _open(path: Path, compression: str | None) -> tuple[BinaryIO, BinaryIO]:
+class _Hashed(io.RawIOBase):
+    """A file whose bytes are hashed as they are read (under a decompressor, the compressed bytes)."""
+
+    def __init__(self, raw: BinaryIO, sha):
+        self.raw, self.sha = raw, sha
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)
+        self.sha.update(memoryview(buffer)[:n])
+        return n
+
+
+def _open(path: Path, compression: str | None, sha) -> tuple[BinaryIO, BinaryIO]:
     """(decompressed stream, the raw file under it: its position is the progress on disk)."""
     raw = open(path, "rb")
+    hashed = io.BufferedReader(_Hashed(raw, sha), 1 << 16)
     if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw), raw
+        return gzip.GzipFile(fileobj=hashed), raw
     if compression == "zstd":
         import zstandard
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)), raw
-    return raw, raw
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(hashed, read_across_frames=True)), raw
+    return hashed, raw
 
 
-def _line_pieces(path: Path, fmt: str, compression: str | None) -> Iterator[Piece]:
-    f, raw = _open(path, compression)
+def binary_reason(head: bytes) -> str | None:
+    """Why the first bytes of a file look binary (NUL bytes, or mostly not UTF-8), or None for text."""
+    head = head[:SNIFF]
+    if b"\0" in head:
+        return f"a NUL byte at offset {head.index(0)}"
+    bad = replacements(head[:len(head) - 3] if len(head) == SNIFF else head)  # (a character may be cut at the end)
+    if bad > BINARY_SHARE * len(head):
+        return f"{bad} invalid UTF-8 sequences in its first {len(head)} bytes"
+    return None
+
+
+def replacements(data: bytes) -> int:
+    """How many U+FFFD decoding `data` with errors="replace" puts in (one per maximal invalid sequence)."""
+    try:
+        data.decode("utf-8")
+        return 0
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace").count("\ufffd") - data.count("\ufffd".encode())
+
+
+def _line_pieces(path: Path, fmt: str, compression: str | None, binary: str, sha) -> Iterator[Piece]:
+    f, raw = _open(path, compression, sha)
     with raw, f:
+        buf, eof = f.read(SNIFF), False
+        why = binary_reason(buf)
+        if why and binary == "skip":
+            while f.read(1 << 24):  # hashed all the same: the fingerprint covers every file
+                pass
+            yield Piece(str(path), fmt, 0, disk=raw.tell(), skipped=f"binary ({why})")
+            return
+        if why:
+            raise DataError(f"corpus file {path} looks binary ({why}): leave it out of data.paths, or set "
+                            f"data.binary_files=skip to skip such files (they are counted)")
+        if fmt == "json":
+            fmt = _json_kind(path, buf)
         offset, line, disk, pending = 0, 1, 0, None
         prev_line_start = head = None
         while True:
-            data = f.read(BLOCK - offset % BLOCK)  # up to the next multiple of BLOCK ...
-            if data and not data.endswith(b"\n"):
-                data += f.readline()  # ... and to the end of the line that crosses it
+            target = BLOCK - offset % BLOCK  # cut at the first line start at or after the next multiple of BLOCK
+            while not eof and len(buf) < target + LINE_MAX + 2:
+                chunk = f.read(target + LINE_MAX + 2 - len(buf))
+                eof = not chunk
+                buf += chunk
+            if fmt == "text" or target >= len(buf):
+                cut = first_start(buf, target)
+            else:  # JSON Lines: the line that crosses the multiple is read whole (a record is parsed whole)
+                while (end := buf.find(b"\n", target - 1)) < 0 and not eof:
+                    chunk = f.readline()
+                    eof = not chunk
+                    buf += chunk
+                cut = end + 1 if end >= 0 else len(buf)
+            data, buf = buf[:cut], buf[cut:]
             if pending is not None:  # one piece of look-ahead, to know which one is the last
                 pending.last = not data
                 yield pending
@@ -110,8 +186,18 @@ def _line_pieces(path: Path, fmt: str, compression: str | None) -> Iterator[Piec
                             last=False, prev_line_start=prev_line_start, head=head)
             if offset == 0 and fmt == "text":
                 head = first_segment(data)
-            prev_line_start = offset + data.rfind(b"\n", 0, len(data) - 1) + 1
+            prev_line_start = offset + (last_start(data) if fmt == "text" else 0)
             disk, offset, line = raw.tell(), offset + len(data), line + data.count(b"\n")
+
+
+def _json_kind(path: Path, head: bytes) -> str:
+    """A .json file: JSON Lines when its first record is an object on its own line; a JSON array is refused."""
+    first = head.lstrip()[:1]
+    if first == b"{":
+        return "jsonl"
+    what = "a JSON array" if first == b"[" else "not JSON Lines"
+    raise DataError(f"corpus file {path} is {what}: megatron-lite reads JSON Lines (one object per line, "
+                    f".jsonl): convert it, e.g. jq -c '.[]' {path} > {Path(path).stem}.jsonl")
 
 
 def _row_groups(path: Path, text_key: str) -> Iterator[Piece]:
@@ -123,6 +209,8 @@ def _row_groups(path: Path, text_key: str) -> Iterator[Piece]:
         raise DataError(f"{path}: no column {text_key!r} (it has: {', '.join(schema.names)}): set data.text_key to "
                         f"the column holding the text")
     kind = schema.field(text_key).type
+    if pa.types.is_dictionary(kind):  # dictionary-encoded strings (pandas categoricals, repeated values)
+        kind = kind.value_type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(f"{path}: column {text_key!r} holds {kind}, not strings: set data.text_key to the text column")
     meta, disk, row = pf.metadata, path.stat().st_size, 0
@@ -136,23 +224,64 @@ def _row_groups(path: Path, text_key: str) -> Iterator[Piece]:
 # ---------------------------------------------------------------- worker: a piece -> documents
 
 
-def documents(piece: Piece, text_key: str) -> Iterator[Doc]:
-    if piece.fmt == "text":
+def documents(piece: Piece, cfg: DataConfig, stats) -> Iterator[Doc]:
+    """The documents of a piece; what is skipped or replaced is counted in `stats` (encode.Stats), per file."""
+    if piece.skipped:
+        stats.skipped[piece.path] = piece.skipped
+    elif piece.fmt == "text":
+        _check_utf8(piece, cfg.bad_utf8, stats)
         yield Doc(piece.data, piece.offset, piece.offset == 0, piece.last, piece.prev_line_start, piece.head)
     elif piece.fmt == "jsonl":
+        clean = _check_utf8(piece, cfg.bad_utf8, stats)
         for k, line in enumerate(piece.data.split(b"\n")):
             if line.strip():
-                text = _json_text(line, text_key, f"{piece.path}:{piece.line + k}")
+                where = f"{piece.path}:{piece.line + k}"
+                text = _json_text(line if clean else line.decode("utf-8", "replace"), cfg.text_key, where)
                 if text:
-                    yield Doc(text.encode("utf-8", "replace"))  # "replace": lone surrogates from \ud800 escapes
+                    yield Doc(_utf8(text, where, cfg, stats, piece.path))
     else:
-        yield from _parquet_documents(piece, text_key)
+        yield from _parquet_documents(piece, cfg.text_key)
 
 
-def _json_text(line: bytes, key: str, where: str) -> str:
+def _check_utf8(piece: Piece, mode: str, stats) -> bool:
+    """True when the piece is valid UTF-8; else (data.bad_utf8=replace, and few enough) count its replacements."""
+    bad = replacements(piece.data)
+    if bad == 0:
+        return True
+    if mode == "error":
+        try:
+            piece.data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = piece.line + piece.data.count(b"\n", 0, e.start)
+            raise DataError(f"{piece.path}:{line}: invalid UTF-8 (byte 0x{piece.data[e.start]:02x} at offset "
+                            f"{piece.offset + e.start} of the file): convert the file to UTF-8 (e.g. iconv -f latin1 "
+                            f"-t utf-8), or set data.bad_utf8=replace to replace such bytes by U+FFFD (counted)") from None
+    if bad > BAD_UTF8_SHARE * len(piece.data):
+        raise DataError(f"{piece.path}:{piece.line}: {bad} invalid UTF-8 sequences in {len(piece.data):,} bytes (over "
+                        f"{BAD_UTF8_SHARE:.1%}, even for data.bad_utf8=replace): the file is not UTF-8; convert it "
+                        f"(e.g. iconv -f latin1 -t utf-8) or leave it out of data.paths")
+    stats.bad_utf8[piece.path] = stats.bad_utf8.get(piece.path, 0) + bad
+    return False
+
+
+def _utf8(text: str, where: str, cfg: DataConfig, stats, path: str) -> bytes:
+    """A JSON string's UTF-8; lone surrogates (from \\ud800-style escapes) are invalid text, as bad bytes are."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        if cfg.bad_utf8 == "error":
+            raise DataError(f"{where}: field {cfg.text_key!r} holds a lone surrogate ({text[e.start]!r}, from a \\u "
+                            f"escape), which is not text: fix the line, or set data.bad_utf8=replace to replace it by "
+                            f"U+FFFD (counted)") from None
+        fixed = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+        stats.bad_utf8[path] = stats.bad_utf8.get(path, 0) + sum(a != b for a, b in zip(text, fixed))
+        return fixed.encode("utf-8")
+
+
+def _json_text(line: bytes | str, key: str, where: str) -> str:
     try:
         record = json.loads(line)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    except ValueError as e:  # JSONDecodeError
         raise DataError(f"{where}: malformed JSON line ({e}): fix or remove the line") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: a JSON {type(record).__name__} where an object with a {key!r} field was expected")
