@@ -11,14 +11,15 @@ the same cache), tokenized with the checkpoint's own tokenizer unless data.token
 validation split is evaluated -- what a run with the same data.* settings validates on -- or with `--split all`
 the whole corpus.
 
-Every counted target is predicted exactly once, in windows of model.seq_len tokens (by default the window the
+Every counted target is predicted once, in windows of model.seq_len tokens (by default the window the
 checkpoint trained with; for an HF model directory its context, at most 2048) spread over the DP ranks in
 micro-batches of train.micro_batch_size:
 - text: windows [s, s + L + 1) at s = 0, L, 2L, ... of each split's token stream, the last one shorter (padded,
   the padding not counted), so every token but a stream's first is a target once; with data.document_mask=true
   attention and positions restart at each document, as in training;
 - chat formats: each conversation once, packed into windows (or one per window with data.packing=false) exactly as
-  training packs them; only the tokens the loss counts there (the assistant's, the completion's) are counted.
+  training packs them -- a conversation longer than the window cut as training cuts it -- counting the tokens
+  the loss counts there (the assistant's, the completion's).
 The loss is the mean over all counted targets (sum of their losses / their count), computed by the function that
 validates during training (token_loss.mean_loss); perplexity is exp(loss). Rank 0 prints one line to stdout (or,
 with --json, one JSON object); the corpus preparation reports on stderr.

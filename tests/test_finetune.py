@@ -7,7 +7,8 @@ query heads on 3 KV heads, tied embeddings, bf16 weights, a chat template, gener
   config.yaml records the model that ran and the recipe's settings;
 - every tokenizer and generation file of the source survives checkpoint -> export: AutoTokenizer's
   apply_chat_template on the export equals the source's; the export is bf16 like the source, readable by others;
-- evaluate's loss on a fixed text equals transformers';
+- evaluate's loss on a fixed text equals transformers' (TP=1; TP=3 in -m slow), and on chat data too, over the
+  assistant's tokens of each conversation;
 - a checkpoint without a tokenizer names --tokenizer (generate), takes one (export); an HF directory without one
   names data.tokenizer; the recipe's values and the warnings, without running anything.
 """
@@ -258,6 +259,36 @@ def test_evaluate_loss_on_a_text_equals_transformers(smol, tmp_path, nproc):
     assert result["tokens"] == count and count > 3 * 150, (result, count)  # several windows, the last one short
     assert abs(result["loss"] - ref) / ref < 1e-6, (result["loss"], ref)
     print(f"\nevaluate (TP={nproc}): loss {result['loss']:.7f}, transformers {ref:.7f}, {count} tokens")
+
+
+def test_evaluate_on_chat_data_counts_the_assistant_tokens_as_transformers_does(smol, tmp_path):
+    """The SmolLM2-shaped model and its chat template on 40 conversations, packed into 384-token windows: the loss
+    equals transformers' over each conversation alone, counting the targets the cache flags (the assistant's)."""
+    from chat_data import conversations, write_jsonl
+    from megatron_lite.data.chat_prepare import LOSS, START
+    model_dir = smol["hf"]
+    write_jsonl(tmp_path / "chats.jsonl", conversations(40, seed=3))
+    proc = _run([sys.executable, "-m", "megatron_lite.evaluate", str(model_dir), "data=chat",
+                 f"data.paths=[{tmp_path}/chats.jsonl]", f"data.cache_dir={tmp_path}/cache", "model.seq_len=384",
+                 "--split", "all", "--json"], tmp_path)
+    result = json.loads(proc.stdout)
+    (built,) = [p for p in (tmp_path / "cache").iterdir() if (p / "DONE").is_file()]
+    dtype = json.loads((built / "meta.json").read_text())["dtype"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for split in ("train", "val"):
+        tokens = np.fromfile(built / f"{split}.bin", dtype=dtype).astype(np.int64)
+        flags = np.fromfile(built / f"{split}.flags.bin", dtype=np.uint8)
+        starts = np.flatnonzero(flags & START).tolist() + [len(tokens)]
+        for s, e in zip(starts, starts[1:]):
+            chunk = torch.from_numpy(tokens[s:e])
+            counted = torch.from_numpy((flags[s + 1:e] & LOSS) > 0)
+            with torch.no_grad():
+                losses = torch.nn.functional.cross_entropy(model(chunk[None, :-1]).logits[0], chunk[1:], reduction="none")
+            total += losses[counted].double().sum().item()
+            count += int(counted.sum())
+    assert result["tokens"] == count > 0 and result["window"] == 384, (result, count)
+    assert abs(result["loss"] - total / count) / (total / count) < 1e-6, (result["loss"], total / count)
 
 
 # ---------------------------------------------------------------------------------------------------------
