@@ -202,8 +202,9 @@ def config_warnings(cfg: Config) -> list[str]:
                      f"the learning rate rises for the whole run, to {min(steps, warmup) / warmup:.0%} of optim.lr="
                      f"{o.lr:g}, and never decays; lower optim.warmup_steps or set optim.warmup_fraction (e.g. 0.03)")
     if cfg.checkpoint.load and is_hf_model_dir(cfg.checkpoint.load) and o.lr >= 1e-3:
-        found.append(f"warning: optim.lr={o.lr:g} is a pretraining learning rate: it wrecks a pretrained model in a few "
-                     f"steps; fine-tune with +recipe=finetune (optim.lr=2e-5, warmup 3% of the run, cosine to 10%)")
+        found.append(f"warning: optim.lr={o.lr:g} is a pretraining learning rate: it wrecks a pretrained model (checkpoint."
+                     f"load={cfg.checkpoint.load}) in a few steps; fine-tune with +recipe=finetune (optim.lr=2e-5, "
+                     f"warmup 3% of the run, cosine to 10%), unless that model was never trained")
     return found
 
 
