@@ -15,6 +15,8 @@
 9. data preparation: throughput per worker against the tokenizer's own encode speed (sentencepiece and a Hugging
    Face tokenizer), 1 vs 2 workers; a single 50 MB line's peak memory against ordinary text's; peak
    memory and time of preparing a ~100 MB and a ~400 MB corpus (the stdlib source, repeated)
+10. context parallelism (benchmarks/context_parallel.py): activation memory per rank against the formula at
+   C = 1, 2, 4; ring traffic per layer against theory; a sequence that fits a memory budget only at C = 4
 
 CPU: gloo, N spawned processes with one thread each. GPUs: NCCL, one process per GPU; a job that needs more
 processes than there are GPUs runs on CPU (and says so). Sections 2 and 3 count things that do not depend
@@ -35,7 +37,7 @@ import torch
 from megatron_lite.model import GPTConfig
 from megatron_lite.resilience import FLIGHT_RECORDER_ENTRIES
 
-from . import data_prep, guards, measure, theory, zero
+from . import context_parallel, data_prep, guards, measure, theory, zero
 from .launch import launch
 
 BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_heads=8, dropout=0.0, seed=0)
@@ -467,7 +469,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
     p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="comma-separated subset of 1..9")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated subset of 1..10")
     p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
@@ -520,6 +522,8 @@ def main(argv=None) -> dict:
         result["guards"] = section_guards(rep, args, kw)
     if 9 in sections:
         result["data"] = section_data(rep, args)
+    if 10 in sections:
+        result["context_parallel"] = context_parallel.section(rep, args)
     info["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0
     rep(f"total {result['wall_s']:.0f} s; load average at end {info['loadavg_end'][0]:.2f}; numbers in {args.out}")

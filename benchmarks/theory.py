@@ -145,6 +145,18 @@ def theory(cfg, T: int, sp: bool, micro_batch: int, dp: int = 1, seq: int | None
     return out
 
 
+def ring_attention_sends(b, s, kv_heads, head_dim, cp, elem=4) -> dict[str, tuple[int, int]]:
+    """Point-to-point sends of ring attention per layer and micro-batch, on each CP rank: phase -> (sends, bytes
+    each). `s` is the whole sequence (each rank holds s/cp tokens), `kv_heads` this TP rank's KV heads.
+
+    Forward: the K/V block (K and V of s/cp tokens, one message) goes to the next rank cp-1 times: 2(cp-1) K/V
+    tensors of b * kv_heads * (s/cp) * head_dim. Backward: the K/V blocks go around again (cp-1 messages), and so
+    do the dK/dV accumulators, in float32 (cp-1 messages; the last one brings a block's gradient home)."""
+    block = 2 * b * kv_heads * (s // cp) * head_dim
+    return {"forward: K/V blocks": (cp - 1, block * elem), "backward: K/V blocks": (cp - 1, block * elem),
+            "backward: dK/dV accumulators (float32)": (cp - 1, block * 4)}
+
+
 # ---- activation memory per transformer layer ----------------------------------------------------------
 
 def korthikanti_table2(s, b, h, a, t=1, sp=False, recompute="none") -> float:

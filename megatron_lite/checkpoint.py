@@ -286,7 +286,8 @@ class Checkpointer:
         meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "data": self.corpus.identity(),
                 "tokenizer": {"fingerprint": self.corpus.identity()["tokenizer"], "vocab_size": self.corpus.vocab_size},
                 "wandb_id": self.wandb_id, "dtype": train_dtype(self.cfg, self.ctx.device.type),
-                "layout": {"dp": self.ctx.dp_size, "tp": self.ctx.tp_size, "sp": self.cfg.parallel.sp},
+                "layout": {"dp": self.ctx.dp_size, "cp": self.ctx.cp_size, "tp": self.ctx.tp_size,
+                           "sp": self.cfg.parallel.sp},
                 "torch": torch.__version__}
         job = self.pending = _Save(step, tmp)
 

@@ -243,6 +243,24 @@ def _unknown_keys(node: object, prefix: str = ""):
             yield from _unknown_keys(value, f"{prefix}{key}.")
 
 
+def _check_context_parallel(cfg: Config) -> None:
+    """CP cuts every window into 2 x cp load-balanced chunks, and SP splits a CP rank's tokens over TP."""
+    p, m = cfg.parallel, cfg.model
+    if p.cp == 1:
+        return
+    tp = p.tp if p.sp else 1
+    chunks = 2 * p.cp * tp
+    if m.seq_len % chunks:
+        near = max(chunks, round(m.seq_len / chunks) * chunks)
+        by_tp = f" x parallel.tp={p.tp}" if tp > 1 else ""
+        raise ConfigError(f"model.seq_len={m.seq_len} is not divisible by 2 x parallel.cp={p.cp}{by_tp} = {chunks}: "
+                          f"context parallelism cuts every sequence into 2 x cp chunks"
+                          f"{' and sequence parallelism splits them over TP' if tp > 1 else ''}; use model.seq_len="
+                          f"{near}{' or parallel.sp=false' if tp > 1 else ''}")
+    _need(m.dropout == 0, f"model.dropout={m.dropout} with parallel.cp={p.cp}: ring attention applies no dropout to "
+                          f"the attention probabilities; set model.dropout=0 (or parallel.cp=1)")
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Raise ConfigError (one line: the value and the fix) for a configuration that cannot run.
 
@@ -296,6 +314,7 @@ def validate(cfg: Config, world_size: int) -> None:
           f"of the model's embedding in checkpoint.load={c.load}: use that model's own tokenizer")
     if hf_load:
         _record_hf_model(cfg, model)
+    _check_context_parallel(cfg)
     if cfg.parallel.sp:
         _need(cfg.model.seq_len % cfg.parallel.tp == 0,
               f"model.seq_len={cfg.model.seq_len} is not divisible by parallel.tp={cfg.parallel.tp}, which sequence "

@@ -62,7 +62,7 @@ def generate(model, ids: list[int], max_new_tokens: int, *, temperature: float =
     context = c.max_seq_len
     start = max(0, len(out) - context)
     cache, fed = None, 0  # tokens of out[start:] already in the cache
-    with model.sequence_parallel_off():  # sequences that grow a token at a time
+    with model.sequence_parallel_off(), model.context_parallel_off():  # sequences that grow a token at a time
         for _ in range(max_new_tokens):
             if len(out) - start > context:
                 start, cache = len(out) - context // 2, None

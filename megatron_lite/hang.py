@@ -14,6 +14,7 @@ or its Python is blocked in a call that holds the GIL.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -29,6 +30,22 @@ import torch.distributed as dist
 
 REPORT_WAIT_S = 30.0  # how long rank 0 waits for the other ranks' reports, and they for its summary
 _TORCH_DIR = os.path.dirname(torch.__file__)
+# Point-to-point transfers that threads wait for (thread id -> (what, since ns)). Gloo's flight recorder records
+# collectives only, so p2p waits (ring attention's K/V blocks) mark themselves here, for the report.
+_P2P_WAITS: dict[int, tuple[str, int]] = {}
+
+
+@contextlib.contextmanager
+def waiting_in_p2p(what: str):
+    """Mark the calling thread as waiting for a point-to-point transfer while the block runs (`what`: e.g. "recv
+    of a K/V block from rank 3 over CP ranks [2, 3]"): a hang report then names it, and its peer as the suspect,
+    instead of "not in a collective"."""
+    tid = threading.get_ident()
+    _P2P_WAITS[tid] = (what, time.time_ns())
+    try:
+        yield
+    finally:
+        _P2P_WAITS.pop(tid, None)
 
 
 def _short(path: str) -> str:
@@ -106,8 +123,9 @@ def write_report(hang_dir: Path, ctx, launch: int, phase: str, armed_ns: int, ti
     flying = [e for e in entries if _in_flight(e)]
     waiting = [e for e in flying if str(e.get("thread_id")) == main] or flying
     stacks, where = _stacks()
+    p2p = _P2P_WAITS.get(threading.main_thread().ident)
     fact = dict(rank=ctx.rank, launch=launch, phase=phase, stalled_s=round((now_ns - armed_ns) / 1e9, 1),
-                waiting=describe(waiting[0], ranks, now_ns, brief=True) if waiting else None, where=where,
+                waiting=describe(waiting[0], ranks, now_ns, brief=True) if waiting else p2p and p2p[0], where=where,
                 issued_total=total, issued_phase=sum(e["time_created_ns"] >= armed_ns for e in entries),
                 host=socket.gethostname(), pid=os.getpid())
     lines = [f"rank {ctx.rank} of {ctx.world_size} (DP rank {ctx.dp_rank}, TP rank {ctx.tp_rank}) on {fact['host']}, "
@@ -116,6 +134,7 @@ def write_report(hang_dir: Path, ctx, launch: int, phase: str, armed_ns: int, ti
              f"collectives issued: {total} in all, {fact['issued_phase']} in {phase}"
              + (" (flight recorder off: TORCH_FR_BUFFER_SIZE=0)" if not entries and not total else ""),
              "waiting in: " + (describe(waiting[0], ranks, now_ns) if waiting else
+                               f"{p2p[0]}, waiting for {(now_ns - p2p[1]) / 1e9:.1f} s, at {where}" if p2p else
                                f"no collective: this rank is running its own code, at {where}"),
              "", f"in flight ({len(flying)}):", *(f"  {describe(e, ranks, now_ns)}" for e in flying),
              "", "last collectives (oldest first):", *(f"  {describe(e, ranks, now_ns)}" for e in entries[-12:]),

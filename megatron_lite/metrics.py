@@ -39,7 +39,8 @@ def memory_estimate(model, cfg, ctx) -> dict[str, float]:
     parallel.zero=1), and activations from Korthikanti et al. 2022, Table 2 (16-bit; doubled for fp32), with
     the vocab-sharded logits."""
     c, T = model.config, ctx.tp_size
-    s, b, h, a, L = cfg.model.seq_len, cfg.train.micro_batch_size, c.hidden_size, c.num_heads, c.num_layers
+    s = cfg.model.seq_len // ctx.cp_size  # the tokens of a sequence on this rank (context parallelism)
+    b, h, a, L = cfg.train.micro_batch_size, c.hidden_size, c.num_heads, c.num_layers
     _, local = model.num_parameters()
     per_layer = s * b * h * ((34 + 5 * a * s / h) / T if c.sequence_parallel else 10 + 24 / T + 5 * a * s / (h * T))
     act_bytes = L * per_layer * (1 if ctx.device.type == "cuda" else 2) + 2 * 4 * s * b * c.padded_vocab_size / T

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .context_parallel import Ring, RingPlan, load_balanced_positions, ring_attention
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
                               copy_to_tp, gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
@@ -148,11 +149,17 @@ class GPTConfig:
 class GPT(nn.Module):
     """A GPT (GPT-2 or Llama family) whose weights are split over the TP group of `ctx` (`ParallelContext`).
 
-    forward(tokens [B, S], targets [B, S] or None, cache=None): the mean loss over non-ignored targets, or
-    this rank's vocab shard of the logits `[B, S, Vt]` (Vt = padded vocab / T) when no targets are given.
-    With a `KVCache` (inference, SP off) the tokens continue the cached sequence. Per-token metadata (packed
-    sequences): `positions` [B, S], each token's true position (default 0..S-1); `document_ids` [B, S], a token
-    attends only to earlier tokens of its own document (`document_causal_mask`)."""
+    forward(tokens [B, S], targets [B, S] or None, cache=None, *, positions=None, document_ids=None): the mean
+    loss over non-ignored targets, or this rank's vocab shard of the logits `[B, S, Vt]` (Vt = padded vocab / T)
+    when no targets are given. With a `KVCache` (inference, SP off) the tokens continue the cached sequence.
+    Per-token metadata (packed sequences): `positions` (`[S]` or `[B, S]`), each token's true position (default:
+    0..S-1 after the cache); `document_ids` `[B, S]`, a token attends only to earlier tokens of its own document
+    (`document_causal_mask`).
+
+    Under context parallelism (ctx.cp_size = C > 1) tokens, targets and metadata are this CP rank's S/C tokens of
+    each window (context_parallel.shard_batch; positions default to their places in the window) and attention is
+    ring attention over the CP group, its masks computed from the positions and documents of each K/V block;
+    `context_parallel_off()` runs whole sequences on one rank (generation)."""
 
     def __init__(self, config: GPTConfig, ctx, init_weights: bool = True):
         super().__init__()
@@ -180,6 +187,7 @@ class GPT(nn.Module):
             init_method=normal, **kw)
         self.to(ctx.device)
         self.rng = RNGTracker(c.seed, ctx.tp_rank, ctx.device)
+        self.cp_ring = Ring(ctx.cp_group) if ctx.cp_size > 1 else None  # None: attention sees whole sequences
         # Under SP the replicated parameters (norms, row-parallel biases, position embeddings) see only this
         # rank's tokens: optim.finalize_model_grads sums their gradients over TP once per optimizer step.
 
@@ -190,6 +198,20 @@ class GPT(nn.Module):
         if cache is not None and (positions is not None or document_ids is not None):
             raise ValueError("a KV cache continues one sequence: positions and document_ids are for training windows")
         start = cache.length if cache is not None else 0
+        ring = None  # context parallelism: which K/V blocks each ring step attends to, from every token's position
+        if self.cp_ring is not None:
+            if cache is not None or S % 2:
+                raise ValueError(f"context parallelism needs this rank's two chunks of a window (got {S} tokens"
+                                 f"{' and a KV cache' if cache is not None else ''}): use model.context_parallel_off()")
+            if positions is None and document_ids is None:
+                ring = RingPlan.load_balanced(self.cp_ring, S, tokens.device)
+            else:  # packed documents: every K/V block travels with its positions and document ids
+                if positions is None:
+                    positions = load_balanced_positions(S * ctx.cp_size, ctx.cp_size, ctx.cp_rank, tokens.device)
+                ring = RingPlan.gathered(self.cp_ring, positions, document_ids)
+            positions = ring.positions
+        elif positions is None:
+            positions = torch.arange(start, start + S, device=tokens.device)
         if c.position_embedding == "learned" and start + S > c.max_seq_len:
             raise ValueError(f"position {start + S - 1} is past the learned positions (max_seq_len={c.max_seq_len})")
         sp, group, T = c.sequence_parallel, ctx.tp_group, ctx.tp_size
@@ -199,23 +221,19 @@ class GPT(nn.Module):
         x_SBH = self.wte(tokens.t())
         if c.position_embedding == "learned":
             # Under SP each rank holds the sequence block [r*S/T, (r+1)*S/T) from the embedding to the head.
-            first = ctx.tp_rank * (S // T) if sp else start
-            if positions is None:
-                x_SBH = x_SBH + self.wpe(torch.arange(first, first + x_SBH.shape[0], device=tokens.device)).unsqueeze(1)
-            else:
-                lo = first - start  # this rank's sequence block of the given positions
-                x_SBH = x_SBH + self.wpe(positions[:, lo:lo + x_SBH.shape[0]].t())
+            mine = positions.narrow(-1, ctx.tp_rank * (S // T), S // T) if sp else positions
+            x_SBH = x_SBH + (self.wpe(mine).unsqueeze(1) if mine.dim() == 1 else self.wpe(mine.t()))
             rope = None
-        elif positions is None:  # rotary: the whole sequence's positions, applied after the QKV layer's SP all-gather
-            rope = self.rotary(torch.arange(start, start + S, device=tokens.device))
-        else:  # per-sequence positions: cos and sin [B, 1, S, D], broadcast over the heads
-            rope = tuple(t.unsqueeze(1) for t in self.rotary(positions))
+        else:  # rotary: the whole sequence's positions, applied after the QKV layer's SP all-gather
+            rope = self.rotary(positions)
+        # packed documents without CP: one block-diagonal causal mask for every layer (under CP the ring's plan)
+        mask = document_causal_mask(document_ids) if document_ids is not None and ring is None else None
         x_SBH = _residual_dropout(x_SBH, c, self.rng, self.training)
         for block in self.blocks:
             if c.recompute == "full" and self.training:
-                x_SBH = checkpoint(block, self.rng, x_SBH, self.rng, rope, None, document_ids)
+                x_SBH = checkpoint(block, self.rng, x_SBH, self.rng, rope, None, mask, ring)
             else:
-                x_SBH = block(x_SBH, self.rng, rope, cache, document_ids)
+                x_SBH = block(x_SBH, self.rng, rope, cache, mask, ring)
         if cache is not None:
             cache.length += S
         x_SBH = self.ln_f(x_SBH)
@@ -237,6 +255,16 @@ class GPT(nn.Module):
         local = sum(p.numel() for p in self.parameters())
         full = sum(p.numel() * (T if tp_partition_dim(p) is not None else 1) for p in self.parameters())
         return full, local
+
+    @contextlib.contextmanager
+    def context_parallel_off(self):
+        """Run the block on whole sequences, attention on this rank alone (generation); the weights, the same on
+        every CP rank, are untouched."""
+        ring, self.cp_ring = self.cp_ring, None
+        try:
+            yield self
+        finally:
+            self.cp_ring = ring
 
     @contextlib.contextmanager
     def sequence_parallel_off(self):
@@ -266,9 +294,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(c)
         self.mlp = (SwiGLUMLP if c.mlp == "swiglu" else GeluMLP)(c, kw, normal, residual_out)
 
-    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None, document_ids=None):
+    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None, mask=None,
+                ring: RingPlan | None = None):
         c = self.config
-        x_SBH = x_SBH + _residual_dropout(self.attn(self.ln_1(x_SBH), rng, rope, cache, document_ids), c, rng,
+        x_SBH = x_SBH + _residual_dropout(self.attn(self.ln_1(x_SBH), rng, rope, cache, mask, ring), c, rng,
                                           self.training)
         return x_SBH + _residual_dropout(self.mlp(self.ln_2(x_SBH)), c, rng, self.training)
 
@@ -289,7 +318,10 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias,
                                       init_method=residual_out, **kw)
 
-    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None, document_ids=None):
+    def forward(self, x_SBH, rng: RNGTracker, rope=None, cache: KVCache | None = None, mask=None,
+                ring: RingPlan | None = None):
+        """`mask`: a boolean attention mask [B, 1, S, S] (packed documents), None for causal; `ring`: the
+        context-parallel ring's plan, which carries its own masks."""
         c, Q = self.config, self.q_per_group
         qkv_SBX = self.qkv(x_SBH)
         S, B, _ = qkv_SBX.shape
@@ -299,18 +331,20 @@ class Attention(nn.Module):
         q_BNtSD, k_BGtSD = self.q_norm(q_BNtSD), self.k_norm(k_BGtSD)  # Qwen3; identities otherwise
         if rope is not None:
             q_BNtSD, k_BGtSD = apply_rotary(q_BNtSD, *rope), apply_rotary(k_BGtSD, *rope)
-        mask = None if document_ids is None else document_causal_mask(document_ids)
         if cache is not None:
             mask = cache.mask(S, x_SBH.device)
             k_BGtSD, v_BGtSD = cache.update(self.layer, k_BGtSD, v_BGtSD)
         if c.recompute == "selective" and self.training:
-            y_BNtSD = checkpoint(self._core, rng, q_BNtSD, k_BGtSD, v_BGtSD, rng, mask)
+            y_BNtSD = checkpoint(self._core, rng, q_BNtSD, k_BGtSD, v_BGtSD, rng, mask, ring)
         else:
-            y_BNtSD = self._core(q_BNtSD, k_BGtSD, v_BGtSD, rng, mask)
+            y_BNtSD = self._core(q_BNtSD, k_BGtSD, v_BGtSD, rng, mask, ring)
         return self.proj(y_BNtSD.permute(2, 0, 1, 3).reshape(S, B, -1))
 
-    def _core(self, q, k, v, rng: RNGTracker, mask=None):
-        """SDPA; a KV head serves the Q query heads of its group (`enable_gqa`, HF's `repeat_kv`)."""
+    def _core(self, q, k, v, rng: RNGTracker, mask=None, ring: RingPlan | None = None):
+        """SDPA; a KV head serves the Q query heads of its group (`enable_gqa`, HF's `repeat_kv`). Under context
+        parallelism, ring attention over the CP group (no attention dropout: config.validate refuses it)."""
+        if ring is not None:
+            return ring_attention(q, k, v, ring)
         p = self.config.dropout if self.training else 0.0
         causal = mask is None
         with rng.fork(TP):  # each rank's heads are different heads: distinct masks
@@ -415,8 +449,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `[S]` -> cos, sin `[S, D]`; `[B, S]` (per sequence) -> `[B, 1, S, D]` (broadcast over heads)."""
         freqs_SD2 = positions.float().unsqueeze(-1) * self.inv_freq.float()
         emb_SD = torch.cat((freqs_SD2, freqs_SD2), dim=-1)
+        if emb_SD.dim() == 3:
+            emb_SD = emb_SD.unsqueeze(1)
         return emb_SD.cos(), emb_SD.sin()
 
 

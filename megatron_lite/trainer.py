@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer
 from .config import Config, config_warnings, gpt_config, grad_accum_steps, train_dtype
+from .context_parallel import shard_batch
 from .data import TokenizedCorpus, dp_sample_indices, prepare_corpus
 from .data.packing import make_windows
 from .generate import generate
@@ -100,8 +101,9 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         lr = lr_at(state.step, cfg.optim, cfg.train.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        batches = [train_data.sample(dp_sample_indices(state.consumed_samples, micro, cfg.train.micro_batch_size,
-                                                       ctx.dp_rank, ctx.dp_size)) for micro in range(accum)]
+        batches = [shard_batch(train_data.sample(dp_sample_indices(state.consumed_samples, micro,
+                                                                   cfg.train.micro_batch_size, ctx.dp_rank,
+                                                                   ctx.dp_size)), ctx) for micro in range(accum)]
         loss_sum = forward_backward(forward, opt, batches, ctx, autocast)
         norm = opt.prepare_grads()  # finalize: DP reduction done, SP-replicated grads summed over TP; global norm
         loss_avg, norm_value = dp_cp_mean(loss_sum / accum, ctx), norm.item()
@@ -146,8 +148,8 @@ def _evaluate(model: GPT, data, cfg: Config, ctx: ParallelContext, autocast) -> 
     split over DP like a training step, so that the value does not depend on the layout."""
     model.eval()
     accum = grad_accum_steps(cfg, ctx.world_size)
-    batches = [data.sample(dp_sample_indices(it * cfg.train.global_batch_size, micro, cfg.train.micro_batch_size,
-                                             ctx.dp_rank, ctx.dp_size))
+    batches = [shard_batch(data.sample(dp_sample_indices(it * cfg.train.global_batch_size, micro,
+                                                         cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size)), ctx)
                for it in range(cfg.train.eval_iters) for micro in range(accum)]
     loss, _ = mean_loss(model, batches, ctx, autocast)
     model.train()

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,3 +42,18 @@ def broadcast(obj):
 def max_rel_err(got: dict, want: dict) -> float:
     """The largest relative error (L2 norms) over the tensors of `want`."""
     return max(((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)).item() for k in want)
+
+
+def _collect(out_path: str, root: str, steps) -> None:
+    out: dict = {}
+    for step in steps:
+        step(out, Path(root))
+    if dist.get_rank() == 0:
+        Path(out_path).write_bytes(pickle.dumps(out))
+
+
+def run_world(steps, world_size: int, root: Path) -> dict:
+    """Call each step(out, root) in turn on `world_size` gloo ranks, every rank the same `root` directory;
+    return rank 0's `out` dict (the findings the tests assert on)."""
+    run_distributed(_collect, world_size, str(root / "out.pkl"), str(root), steps)
+    return pickle.loads((root / "out.pkl").read_bytes())

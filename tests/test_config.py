@@ -42,6 +42,15 @@ FAILING = {
                   ["/nonexistent/x.txt"]),
     "data_paths_missing": ([TRAIN, "parallel.tp=1", "data=text"], {}, ["data.paths"]),
     "lr_zero": ([TRAIN, "parallel.tp=1", "optim.lr=0"], {}, ["optim.lr=0"]),
+    # context parallelism: 2 x cp chunks per window (x tp under SP); no attention dropout in ring attention
+    "cp_seq_len": ([TRAIN, "parallel.cp=2", "model.seq_len=126"], {"WORLD_SIZE": "2"},
+                   ["model.seq_len=126 is not divisible by 2 x parallel.cp=2 = 4", "use model.seq_len=128"]),
+    "cp_seq_len_sp": ([TRAIN, "parallel.cp=2", "parallel.tp=2", "model.seq_len=132"], {"WORLD_SIZE": "4"},
+                      ["model.seq_len=132 is not divisible by 2 x parallel.cp=2 x parallel.tp=2 = 8",
+                       "or parallel.sp=false"]),
+    "cp_world": ([TRAIN, "parallel.cp=3"], {"WORLD_SIZE": "4"}, ["world size 4 is not divisible by parallel.cp=3"]),
+    "cp_dropout": ([TRAIN, "parallel.cp=2", "model.dropout=0.1"], {"WORLD_SIZE": "2"},
+                   ["model.dropout=0.1 with parallel.cp=2", "set model.dropout=0"]),
     "lr_negative": ([TRAIN, "parallel.tp=1", "optim.lr=-1"], {}, ["optim.lr=-1"]),
     # Hugging Face model directories (made by the `cli` fixture under {hf}) as checkpoint.load
     "hf_architecture": ([TRAIN, "parallel.tp=1", "checkpoint.load={hf}/gemma"], {},

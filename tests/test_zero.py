@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from distributed import broadcast, max_rel_err, run_distributed
 from megatron_lite.checkpoint import _full_state, load_state
 from megatron_lite.comm_count import CollectiveCounter
+from megatron_lite.context_parallel import shard_sequence
 from megatron_lite.model import GPT, GPTConfig
 from megatron_lite.optim import build_optimizer, param_groups
 from megatron_lite.parallel import build_parallel_context
@@ -59,7 +60,8 @@ def global_batch(step: int, cfg: dict) -> torch.Tensor:
 
 def train(model, opt, ctx, steps, cfg, first_step: int = 0):
     """`steps` optimizer steps of GLOBAL_BATCH sequences, ACCUM micro-batches per DP rank, as the trainer runs
-    them; returns the global mean losses and the grad norms."""
+    them (under CP each rank keeps its chunks of every sequence); returns the global mean losses and the grad
+    norms."""
     mb = GLOBAL_BATCH // (ACCUM * ctx.dp_size)
     losses, norms = [], []
     for step in range(first_step, first_step + steps):
@@ -68,15 +70,15 @@ def train(model, opt, ctx, steps, cfg, first_step: int = 0):
         for micro in range(ACCUM):
             rows = tokens[(micro * ctx.dp_size + ctx.dp_rank) * mb:][:mb]
             with opt.no_sync() if micro < ACCUM - 1 else contextlib.nullcontext():
-                loss = opt.module(rows[:, :-1], rows[:, 1:])
+                loss = opt.module(shard_sequence(rows[:, :-1], ctx), shard_sequence(rows[:, 1:], ctx))
                 (loss / ACCUM).backward()
             loss_sum += loss.detach()
         norms.append(opt.prepare_grads().item())
         opt.step()
         opt.zero_grad()
         loss_avg = loss_sum / ACCUM
-        dist.all_reduce(loss_avg, group=ctx.dp_group)
-        losses.append(loss_avg.item() / ctx.dp_size)
+        dist.all_reduce(loss_avg, group=ctx.dp_cp_group)
+        losses.append(loss_avg.item() / ctx.dp_cp_size)
     return losses, norms
 
 
@@ -88,7 +90,7 @@ def build(ctx, cfg, sp, zero, **kw):
 def all_max(x: float, ctx) -> float:
     """The maximum of x over the ranks of ctx's grid."""
     t = torch.tensor([x], dtype=torch.float64)
-    for group in (ctx.tp_group, ctx.dp_group):
+    for group in (ctx.tp_group, ctx.cp_group, ctx.dp_group):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.item()
 
