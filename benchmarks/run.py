@@ -1,4 +1,4 @@
-"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,3,4,5,6,7,8,9]`.
+"""megatron-lite benchmark suite: `python -m benchmarks.run [--quick] [--out FILE] [--sections 1,2,...,11]`.
 
 1. against the peer: train-step time of megatron-lite / PyTorch-native TP (DTensor), T=2, SP off and on
 2. communication: every collective of a train step, counted, against the Megatron analysis (theory.py)
@@ -17,6 +17,9 @@
    memory and time of preparing a ~100 MB and a ~400 MB corpus (the stdlib source, repeated)
 10. context parallelism (benchmarks/context_parallel.py): activation memory per rank against the formula at
    C = 1, 2, 4; ring traffic per layer against theory; a sequence that fits a memory budget only at C = 4
+11. pipeline parallelism: the bubble of the executed 1F1B and interleaved schedules at P = 2 and 4 (op-timeline
+   replay) against (P - 1) / (V m), step time as context; p2p bytes per step against 2 (PV - 1) m s b h bytes
+   (/T under SP); stage 0's activation memory against P micro-batches x L/P layers x the per-layer formula
 
 CPU: gloo, N spawned processes with one thread each. GPUs: NCCL, one process per GPU; a job that needs more
 processes than there are GPUs runs on CPU (and says so). Sections 2 and 3 count things that do not depend
@@ -37,13 +40,14 @@ import torch
 from megatron_lite.model import GPTConfig
 from megatron_lite.resilience import FLIGHT_RECORDER_ENTRIES
 
-from . import context_parallel, data_prep, guards, measure, theory, zero
+from . import context_parallel, data_prep, guards, measure, pipeline, theory, zero
 from .launch import launch
 
 BENCH = dict(vocab_size=4096, seq_len=256, num_layers=4, hidden_size=512, num_heads=8, dropout=0.0, seed=0)
 SMALL = dict(BENCH, hidden_size=256, num_heads=4)  # section 1 context: less compute per collective and per op
 QUICK = dict(vocab_size=256, seq_len=32, num_layers=2, hidden_size=64, num_heads=4, dropout=0.0, seed=0)
 GPT2_SMALL = dict(vocab_size=50304, seq_len=1024, num_layers=12, hidden_size=768, num_heads=12, dropout=0.0)
+PIPELINE = dict(SMALL, num_layers=8)  # section 11: m micro-batches per step through 8 layers, at 6 layouts
 GOAL = 0.75  # megatron-lite / DTensor train-step time
 
 
@@ -464,12 +468,78 @@ def section_data(rep: Report, args) -> dict:
     return res
 
 
+def section_pipeline(rep: Report, args, kw) -> list:
+    b, m, steps = args.pp_micro_batch, args.pp_microbatches, args.pp_steps
+    kw = dict(kw, num_layers=8) if args.quick else PIPELINE  # 8 layers: P x V = 8 virtual stages at P = 4, V = 2
+    layouts = [(1, 1, 1, False), (2, 1, 1, False), (2, 2, 1, False), (4, 1, 1, False), (4, 2, 1, False),
+               (2, 1, 2, True)]
+    rep(f"== 11. pipeline parallelism, {shape_str(kw, b)}, {m} micro-batches per step, AdamW, fp32; device cpu "
+        f"(4 processes on {os.cpu_count()} cores)")
+    rep("   bubble = (step time - busiest stage's compute) / that compute (Narayanan et al. 2021, t_pb / t_id); "
+        "replayed from each rank's recorded passes (order as executed, a pass waits for its input, communication "
+        "free), with uniform pass times (t_b = 2 t_f) and with the measured median times; the measured idle "
+        "fraction and step time are context: the stages' compute shares the cores")
+    res = launch(pipeline.pipeline_worker, 4, kw, b, m, layouts, 1, steps)
+    base = res[0]["median_s"]
+    rows = []
+    for r in res:
+        P, V, T, sp = r["P"], r["V"], r["T"], r["sp"]
+        r["theory_bubble"] = (P - 1) / (V * m)
+        r["replay_uniform"] = pipeline.replay(r["per_rank"], P, V, {"F": 1.0, "B": 2.0})
+        r["replay_measured"] = pipeline.replay(r["per_rank"], P, V)
+        r["idle"] = pipeline.measured_idle(r["per_rank"])
+        name = f"PP{P}" + (f" V={V}" if V > 1 else "") + (f" x TP{T}" + (" SP" if sp else "") if T > 1 else "")
+        rows.append([name, f"{r['theory_bubble']:.4f}", f"{r['replay_uniform']['bubble']:.4f}",
+                     f"{r['replay_measured']['bubble']:.4f}", f"{r['idle']:.3f}", f"{1e3 * r['median_s']:.0f}",
+                     f"{r['median_s'] / base:.2f}"])
+    rep.table(["layout", "theory (P-1)/(Vm)", "replay, uniform", "replay, measured", "measured idle (context)",
+               "ms/step", "vs PP1"], rows)
+    s, h = kw["seq_len"], kw["hidden_size"]
+    rep(f"-- p2p bytes of one step, summed over the ranks, against theory 2 (PV - 1) m s b h x 4 B per pipeline "
+        f"(each TP rank its own pipeline: x T, /T under SP)")
+    rows = []
+    for r in res[1:]:
+        P, V, T, sp = r["P"], r["V"], r["T"], r["sp"]
+        r["p2p_theory"] = 2 * (P * V - 1) * m * s * b * h * 4 * T // (T if sp else 1)
+        r["p2p_measured"] = sum(x["bytes"] for x in r["per_rank"])
+        rows.append([f"PP{P}" + (f" V={V}" if V > 1 else "") + (f" x TP{T} SP" if T > 1 else ""),
+                     human_bytes(r["p2p_theory"]), human_bytes(r["p2p_measured"]), r["p2p_measured"] == r["p2p_theory"]])
+    rep.table(["layout", "theory", "measured", "equal"], rows)
+    a, F = kw["num_heads"], 4 * h
+    layer = theory.adapted_activation_bytes(s, b, h, a, F)
+    rep(f"-- stage 0's activations held for backward at the peak of the step (saved_tensors_hooks per micro-batch, "
+        f"summed over the micro-batches in flight); theory: in-flight x layers of stage 0 x {mib(layer)} MiB per "
+        f"layer (section 3's fp32 adaptation of Korthikanti et al. Table 2) + token ids (+ the head at P = 1); 1F1B "
+        f"holds min(P, m) micro-batches of L/P layers: as much as one micro-batch through all L layers")
+    rows = []
+    for r in res:
+        P, V, T, sp = r["P"], r["V"], r["T"], r["sp"]
+        if T > 1:
+            continue
+        s0 = next(x for x in r["per_rank"] if x["stage"] == 0)
+        chunk_layers = kw["num_layers"] // (P * V)
+        r["stage0_peak"] = pipeline.stage0_peak(s0)
+        # + token ids (int64); at P = 1 stage 0 is also the last: + the head (final norm input and output, its
+        # mean and rstd, the fp32 logits)
+        head = 4 * (2 * s * b * h + 2 * s * b + s * b * kw["vocab_size"]) if P == 1 else 0
+        r["stage0_theory"] = s0["in_flight"] * (chunk_layers * layer + 8 * s * b + head)
+        rows.append([f"PP{P}" + (f" V={V}" if V > 1 else ""), s0["in_flight"], chunk_layers, mib(r["stage0_theory"]),
+                     mib(r["stage0_peak"]), f"{r['stage0_peak'] / r['stage0_theory']:.4f}"])
+    rep.table(["layout", "micro-batch chunks in flight", "layers per chunk", "theory MiB", "measured MiB",
+               "measured/theory"], rows)
+    rep()
+    for r in res:
+        for x in r["per_rank"]:
+            x["trace"] = [list(t) for t in x["trace"]]
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (tests, smoke runs)")
     p.add_argument("--out", default="bench_results/latest.json", help="JSON file for the numbers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated subset of 1..10")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated subset of 1..11")
     p.add_argument("--steps", type=int, default=None, help="measured steps per contender in section 1 (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps in section 1 (default 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="sections 1-3 (default 4)")
@@ -480,6 +550,9 @@ def main(argv=None) -> dict:
     p.add_argument("--guard-jobs", type=int, default=None, help="section 8: jobs per flight-recorder setting (3)")
     p.add_argument("--guard-rounds", type=int, default=7, help="section 8: rounds per job (best of)")
     p.add_argument("--guard-calls", type=int, default=None, help="section 8: calls per round (5000)")
+    p.add_argument("--pp-microbatches", type=int, default=8, help="section 11: micro-batches per step")
+    p.add_argument("--pp-micro-batch", type=int, default=None, help="section 11: sequences per micro-batch (default 2)")
+    p.add_argument("--pp-steps", type=int, default=None, help="section 11: measured steps per layout (default 3)")
     p.add_argument("--mfu-batch", type=int, default=8)
     p.add_argument("--mfu-steps", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one step of each contender")
@@ -487,7 +560,7 @@ def main(argv=None) -> dict:
     quick = args.quick
     for name, full, small in (("steps", 16, 2), ("warmup", 2, 1), ("micro_batch", 4, 2), ("global_batch", 8, 4),
                               ("scale_steps", 4, 1), ("opt_steps", 10, 2), ("guard_jobs", 3, 1),
-                              ("guard_calls", 5000, 200)):
+                              ("guard_calls", 5000, 200), ("pp_micro_batch", 2, 2), ("pp_steps", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     kw = QUICK if quick else BENCH
@@ -524,6 +597,8 @@ def main(argv=None) -> dict:
         result["data"] = section_data(rep, args)
     if 10 in sections:
         result["context_parallel"] = context_parallel.section(rep, args)
+    if 11 in sections:
+        result["pipeline"] = section_pipeline(rep, args, kw)
     info["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0
     rep(f"total {result['wall_s']:.0f} s; load average at end {info['loadavg_end'][0]:.2f}; numbers in {args.out}")

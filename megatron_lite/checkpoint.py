@@ -177,9 +177,11 @@ def model_state(model, ctx, mesh=None) -> dict:
     return {f"model.{n}": _global(p.data, p, mesh, ctx.tp_size) for n, p in model.named_parameters()}
 
 
-def _full_state(model, opt, ctx) -> dict:
+def _full_state(model, opt, ctx, copies: bool = True) -> dict:
     """The state dict DCP saves or loads into: the model, AdamW's moments and step (`opt.full_state()`: whole
-    per-parameter tensors whatever parallel.zero), the RNG streams."""
+    per-parameter tensors whatever parallel.zero), the RNG streams. `copies=False` (saving) leaves out the
+    parameters that copy another stage's (the last stage's tied embedding): the checkpoint holds one, which
+    every copy loads."""
     mesh = _mesh(ctx)
     sd = model_state(model, ctx, mesh)
     moments = opt.full_state()
@@ -188,8 +190,14 @@ def _full_state(model, opt, ctx) -> dict:
         sd[f"optim.{n}.exp_avg"] = _global(st["exp_avg"], p, mesh, ctx.tp_size)
         sd[f"optim.{n}.exp_avg_sq"] = _global(st["exp_avg_sq"], p, mesh, ctx.tp_size)
         sd[f"optim.{n}.step"] = st["step"]
-    for name, state in model.rng.get_states().items():  # the TP-distinct stream is saved per TP rank
-        sd[f"rng.{name}" + (f".{ctx.tp_rank}" if name == "tp" else "")] = state
+    for name, state in model.rng.get_states().items():  # the TP-distinct stream is saved per TP rank, and every
+        # stream per pipeline stage (each draws for its own layers); stage 0's keys are those of PP = 1
+        key = f"rng.{name}" + (f".{ctx.tp_rank}" if name == "tp" else "")
+        sd[key + (f".stage{ctx.pp_rank}" if ctx.pp_rank else "")] = state
+    if not copies:
+        twice = [f"model.{n}" for n in model.tied_copies()]
+        twice += [f"optim.{n}.{k}" for n in model.tied_copies() for k in ("exp_avg", "exp_avg_sq", "step")]
+        sd = {k: v for k, v in sd.items() if k not in twice}
     return sd
 
 
@@ -282,12 +290,12 @@ class Checkpointer:
         self.wait()  # at most one save in flight
         final = self.root / f"step_{step:07d}"
         tmp = final.with_name(final.name + ".tmp")  # DCP creates it, inside its agreed planning step
-        sd = _full_state(model, opt, self.ctx)
+        sd = _full_state(model, opt, self.ctx, copies=False)
         meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "data": self.corpus.identity(),
                 "tokenizer": {"fingerprint": self.corpus.identity()["tokenizer"], "vocab_size": self.corpus.vocab_size},
                 "wandb_id": self.wandb_id, "dtype": train_dtype(self.cfg, self.ctx.device.type),
                 "layout": {"dp": self.ctx.dp_size, "cp": self.ctx.cp_size, "tp": self.ctx.tp_size,
-                           "sp": self.cfg.parallel.sp},
+                           "sp": self.cfg.parallel.sp, "pp": self.ctx.pp_size, "pp_virtual": self.cfg.parallel.pp_virtual},
                 "torch": torch.__version__}
         job = self.pending = _Save(step, tmp)
 
@@ -378,8 +386,9 @@ def model_config(path: str | Path, **overrides):
     return GPTConfig(**{"max_seq_len": saved["seq_len"], **saved, **overrides})  # older checkpoints: no max_seq_len
 
 
-def load_model(path: str | Path, ctx, **overrides):
-    """A GPT for `ctx`'s layout with the weights of checkpoint `path` (see `model_config`), in eval mode."""
+def load_model(path: str | Path, ctx, process_group=None, **overrides):
+    """A GPT for `ctx`'s layout with the weights of checkpoint `path` (see `model_config`), in eval mode.
+    `process_group`: the ranks of `ctx` when they are not the whole job (e.g. rank 0 alone at PP = 1)."""
     from .model import GPT
     path = resolve(path)
     model = GPT(model_config(path, **overrides), ctx, init_weights=False)
@@ -388,7 +397,7 @@ def load_model(path: str | Path, ctx, **overrides):
         return model.eval()
     saved = verify(path)
     check_shapes(saved, model, ctx, path)
-    dcp.load(model_state(model, ctx), checkpoint_id=str(path))
+    dcp.load(model_state(model, ctx), checkpoint_id=str(path), process_group=process_group)
     return model.eval()
 
 

@@ -66,6 +66,9 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size (1, as in Megatron and torchtitan); DP = world size / (tp x cp x pp)
     cp: int = 1  # context-parallel size: the sequence split over cp ranks in every layer
     pp: int = 1  # pipeline-parallel size: the layers split into pp stages
+    pp_schedule: str = "1f1b"  # 1f1b (PipeDream-Flush) | interleaved (Megatron's interleaved 1F1B, pp_virtual chunks)
+    pp_virtual: int = 1  # interleaved: model chunks per rank (virtual stages); the bubble shrinks by this factor
+    pp_layers: Optional[list[int]] = None  # layers per (virtual) stage in model order, for an uneven split; None: even
     sp: bool = True  # sequence parallelism (shards LayerNorm/dropout activations over the TP group)
     tp_comm_overlap: bool = True  # overlap column-parallel layers' input-grad collective with their dW matmul
     zero: int = 0  # 0: AdamW state replicated over DP (DDP); 1: distributed optimizer, AdamW state split over DP
@@ -224,6 +227,19 @@ def _model_ranks(cfg: Config) -> str:
     return " x ".join(sizes)
 
 
+def _check_pipeline(cfg: Config, model: GPTConfig, microbatches: int) -> None:
+    """The pipeline layout: the schedule and its model chunks, the layers of each stage, enough micro-batches."""
+    from megatron_lite.pipeline_parallel import PipelineLayoutError, layer_counts
+    from megatron_lite.pipeline_parallel.schedules import check
+    p = cfg.parallel
+    _need(p.pp_virtual >= 1, f"parallel.pp_virtual={p.pp_virtual} must be >= 1")
+    try:
+        check(p.pp_schedule, p.pp, p.pp_virtual, microbatches)
+        layer_counts(model.num_layers, p.pp, p.pp_virtual, p.pp_layers)
+    except PipelineLayoutError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _need(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
@@ -334,6 +350,7 @@ def validate(cfg: Config, world_size: int) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
             f"{t.micro_batch_size} x DP={dp} (world size {world_size} / {_model_ranks(cfg)}) = "
             f"{per_step}: use train.global_batch_size={nearest}, or change train.micro_batch_size")
+    _check_pipeline(cfg, model, t.global_batch_size // per_step)
     _need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0: evaluate only at the end)")
     _need(t.eval_iters >= 1, f"train.eval_iters={t.eval_iters} must be >= 1")
     _one_of("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))

@@ -97,7 +97,10 @@ class DistributedOptimizer:
         for n, p in named:
             if p.dtype != torch.float32:
                 raise TypeError(f"parallel.zero=1 keeps fp32 parameters (bf16 runs under autocast); {n} is {p.dtype}")
-        self.buckets = self._make_buckets(named[::-1], bucket_bytes)
+        # PP > 1 with a tied embedding: its two copies (first and last stage) each in a bucket of their own, so
+        # that the same DP rank owns the same range of both and their gradient shards can be summed
+        tied = model.tied_embedding()
+        self.buckets = self._make_buckets(named[::-1], bucket_bytes, alone={id(tied)} if tied is not None else set())
         total = sum(b.numel for b in self.buckets)
         self.param_buffer = torch.zeros(total, dtype=torch.float32, device=ctx.device)
         self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=ctx.device)
@@ -122,14 +125,19 @@ class DistributedOptimizer:
         # the parts of the TP-replicated parameters' gradients this rank owns: finalize sums them over TP
         self.replicated_grad_shards = [s.grad for segs in self.segments for s in segs
                                        if tp_partition_dim(s.param) is None]
+        # the part of a tied embedding's gradient this rank owns (the same range on the first and last stage)
+        self.embedding_grad_shards = [s.grad for segs in self.segments for s in segs if s.param is tied]
+        self.copies = set(model.tied_copies())  # left out of the norm: counted once, on the first stage
         self._sync, self._next_bucket, self._norm = True, 0, None
 
-    def _make_buckets(self, named: list[tuple[str, nn.Parameter]], bucket_bytes: int) -> list[Bucket]:
+    def _make_buckets(self, named: list[tuple[str, nn.Parameter]], bucket_bytes: int, alone: set[int]) -> list[Bucket]:
+        """Buckets of about `bucket_bytes`, in the given order; the parameters in `alone` (ids) get their own."""
         buckets, current, offset, size = [], [], 0, 0
         for k, (name, p) in enumerate(named):
             current.append((name, p, offset + size))
             size += p.numel()
-            if size * 4 >= bucket_bytes or k == len(named) - 1:
+            nxt = named[k + 1][1] if k + 1 < len(named) else None
+            if size * 4 >= bucket_bytes or nxt is None or id(p) in alone or id(nxt) in alone:
                 numel = math.ceil(size / self.dp) * self.dp  # padded: DP equal shards
                 buckets.append(Bucket(current, offset, numel, self.dp, self.ctx.dp_cp_rank))
                 current, offset, size = [], offset + numel, 0
@@ -200,9 +208,10 @@ class DistributedOptimizer:
                 if b.work is not None:
                     b.work.wait()
                     b.work = None
-            finalize_model_grads(self.model, self.replicated_grad_shards)
-            grads = [(s.grad, tp_partition_dim(s.param) is not None) for segs in self.segments for s in segs]
-            self._norm = grad_norm(grads, self.ctx.tp_group, self.dp_group)
+            finalize_model_grads(self.model, self.replicated_grad_shards, self.embedding_grad_shards)
+            grads = [(s.grad, tp_partition_dim(s.param) is not None) for segs in self.segments for s in segs
+                     if s.name not in self.copies]
+            self._norm = grad_norm(grads, self.ctx.tp_group, self.dp_group, self.ctx.pp_group)
         return self._norm
 
     # ---- the update: AdamW on the owned shard, then all-gather of the parameters ----------------------------

@@ -55,6 +55,9 @@ def generate(model, ids: list[int], max_new_tokens: int, *, temperature: float =
     so that the newest half is kept (with a KV cache, the cache is rebuilt from them): each token costs O(1)
     amortized, and the tokens are the same with and without the cache."""
     c, ctx = model.config, model.ctx
+    if ctx.pp_size > 1:
+        raise ValueError(f"generation needs the whole model on each rank, not a pipeline stage (PP={ctx.pp_size}): "
+                         f"load the checkpoint at PP=1 (python -m megatron_lite.generate CHECKPOINT)")
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=ctx.device).manual_seed(seed)

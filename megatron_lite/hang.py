@@ -115,7 +115,9 @@ def _stacks() -> tuple[str, str]:
 
 
 def write_report(hang_dir: Path, ctx, launch: int, phase: str, armed_ns: int, timeout_s: float, say) -> None:
-    """This rank's report; then rank 0 summarizes while the others wait for its summary (bounded)."""
+    """This rank's report; then rank 0 summarizes while the others wait for its summary (bounded). A main
+    thread waiting in a point-to-point transfer (a pipeline exchange, a ring-attention block: `waiting_in_p2p`,
+    which gloo's flight recorder does not see) is reported with that transfer and its peer."""
     now_ns = time.time_ns()
     entries, total = _recorded()
     ranks = _group_ranks()
@@ -128,8 +130,8 @@ def write_report(hang_dir: Path, ctx, launch: int, phase: str, armed_ns: int, ti
                 waiting=describe(waiting[0], ranks, now_ns, brief=True) if waiting else p2p and p2p[0], where=where,
                 issued_total=total, issued_phase=sum(e["time_created_ns"] >= armed_ns for e in entries),
                 host=socket.gethostname(), pid=os.getpid())
-    lines = [f"rank {ctx.rank} of {ctx.world_size} (DP rank {ctx.dp_rank}, TP rank {ctx.tp_rank}) on {fact['host']}, "
-             f"pid {fact['pid']}",
+    lines = [f"rank {ctx.rank} of {ctx.world_size} (DP rank {ctx.dp_rank}, TP rank {ctx.tp_rank}, CP rank {ctx.cp_rank}, "
+             f"pipeline stage {ctx.pp_rank}) on {fact['host']}, pid {fact['pid']}",
              f"hang in {phase}: no progress for {fact['stalled_s']} s (train.hang_timeout_s={timeout_s:g})",
              f"collectives issued: {total} in all, {fact['issued_phase']} in {phase}"
              + (" (flight recorder off: TORCH_FR_BUFFER_SIZE=0)" if not entries and not total else ""),

@@ -37,13 +37,14 @@ def flops_per_token(c, n_params: int, seq_len: int) -> float:
 def memory_estimate(model, cfg, ctx) -> dict[str, float]:
     """Bytes per rank: fp32 weights and grads (8 B/param) and AdamW's two moments (8 B/param, or 8/DP with
     parallel.zero=1), and activations from Korthikanti et al. 2022, Table 2 (16-bit; doubled for fp32), with
-    the vocab-sharded logits."""
+    the vocab-sharded logits; under pipeline parallelism, of this stage's layers."""
     c, T = model.config, ctx.tp_size
     s = cfg.model.seq_len // ctx.cp_size  # the tokens of a sequence on this rank (context parallelism)
-    b, h, a, L = cfg.train.micro_batch_size, c.hidden_size, c.num_heads, c.num_layers
-    _, local = model.num_parameters()
+    b, h, a, L = cfg.train.micro_batch_size, c.hidden_size, c.num_heads, len(model.blocks)
+    local = sum(p.numel() for p in model.parameters())
     per_layer = s * b * h * ((34 + 5 * a * s / h) / T if c.sequence_parallel else 10 + 24 / T + 5 * a * s / (h * T))
-    act_bytes = L * per_layer * (1 if ctx.device.type == "cuda" else 2) + 2 * 4 * s * b * c.padded_vocab_size / T
+    logits = 2 * 4 * s * b * c.padded_vocab_size / T if ctx.pp_rank == ctx.pp_size - 1 else 0  # the last stage's
+    act_bytes = L * per_layer * (1 if ctx.device.type == "cuda" else 2) + logits
     moments = 8 * local / (ctx.dp_cp_size if cfg.parallel.zero == 1 else 1)
     return {"states_gb": (8 * local + moments) / 2**30, "moments_bytes": moments, "activations_gb": act_bytes / 2**30}
 

@@ -32,10 +32,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .context_parallel import Ring, RingPlan, load_balanced_positions, ring_attention
+from .pipeline_parallel.layout import stage_chunks
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
                               copy_to_tp, gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
@@ -161,38 +163,50 @@ class GPT(nn.Module):
     ring attention over the CP group, its masks computed from the positions and documents of each K/V block;
     `context_parallel_off()` runs whole sequences on one rank (generation)."""
 
-    def __init__(self, config: GPTConfig, ctx, init_weights: bool = True):
+    def __init__(self, config: GPTConfig, ctx, init_weights: bool = True, chunks: list[list[int]] | None = None):
         super().__init__()
         config.validate(ctx.tp_size)
         self.config, self.ctx = config, ctx
         c, group, sp = config, ctx.tp_group, config.sequence_parallel
-        # Every full tensor is drawn from one generator in construction order, identically on every rank,
-        # and each rank keeps its slice: the same seed gives the same model at every TP size.
+        # Pipeline stage (Megatron's pre_process / post_process): this rank holds the layers of `chunks`
+        # (chunks[v]: the global indices of its model chunk v; default an even split over ctx.pp_size), the
+        # embedding on the first stage, the final norm and the output layer on the last.
+        self.chunks = chunks if chunks is not None else stage_chunks(c.num_layers, ctx.pp_size, ctx.pp_rank)
+        first, last = ctx.pp_rank == 0, ctx.pp_rank == ctx.pp_size - 1
+        # Every full tensor is drawn, identically on every rank, from a generator of its own slot (the embedding,
+        # the position embedding, the output layer, layer i), and each rank keeps its slice: the same seed gives
+        # the same model at every TP and PP size, and a stage draws only what it holds.
         # (init_weights=False, for a model about to load a checkpoint, skips the draws.)
-        gen = torch.Generator().manual_seed(c.seed)
-        normal = _normal_init(c.init_std, gen) if init_weights else _no_init
-        residual_out = _normal_init(c.init_std / math.sqrt(2 * c.num_layers), gen) if init_weights else _no_init
+        def normal(slot: int):
+            return _normal_init(c.init_std, _generator(c.seed, slot)) if init_weights else _no_init
         kw = dict(tp_group=group, sequence_parallel=sp)
 
-        self.wte = VocabParallelEmbedding(c.padded_vocab_size, c.hidden_size, init_method=normal, **kw)
-        if c.position_embedding == "learned":
+        if first or (last and c.tie_embeddings):  # the last stage's is a copy: the tied output layer's weight
+            self.wte = VocabParallelEmbedding(c.padded_vocab_size, c.hidden_size, init_method=normal(_EMBEDDING), **kw)
+        if c.position_embedding == "learned" and first:
             self.wpe = nn.Embedding(c.max_seq_len, c.hidden_size)
-            normal(self.wpe.weight.data)
-        else:
+            normal(_POSITIONS)(self.wpe.weight.data)
+        if c.position_embedding == "rope":
             self.rotary = RotaryEmbedding(c)
-        self.blocks = nn.ModuleList(Block(c, i, kw, normal, residual_out) for i in range(c.num_layers))
-        self.ln_f = make_norm(c)
-        self.lm_head = None if c.tie_embeddings else ColumnParallelLinear(
+        self.blocks = Layers({i: Block(c, i, kw, *_layer_init(c, i, init_weights)) for chunk in self.chunks
+                              for i in chunk})
+        if last:
+            self.ln_f = make_norm(c)
+        self.lm_head = None if c.tie_embeddings or not last else ColumnParallelLinear(
             c.hidden_size, c.padded_vocab_size, bias=False, overlap_grad_reduce=c.tp_comm_overlap,
-            init_method=normal, **kw)
+            init_method=normal(_OUTPUT), **kw)
         self.to(ctx.device)
-        self.rng = RNGTracker(c.seed, ctx.tp_rank, ctx.device)
+        self.rng = RNGTracker(c.seed + _PP_SEED_OFFSET * ctx.pp_rank, ctx.tp_rank, ctx.device)
         self.cp_ring = Ring(ctx.cp_group) if ctx.cp_size > 1 else None  # None: attention sees whole sequences
         # Under SP the replicated parameters (norms, row-parallel biases, position embeddings) see only this
         # rank's tokens: optim.finalize_model_grads sums their gradients over TP once per optimizer step.
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None, *,
-                positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                hidden_SBH: torch.Tensor | None = None, chunk: int = 0):
+        """The loss (or logits) of `tokens`; under pipeline parallelism, model chunk `chunk` of this stage only:
+        from the embedding of `tokens` (first stage) or `hidden_SBH`, the previous stage's output, to the
+        loss (last stage) or the output activations `[S, B, H]` (`[S/T, B, H]` under SP) for the next stage."""
         c, ctx = self.config, self.ctx
         S = tokens.shape[1]
         if cache is not None and (positions is not None or document_ids is not None):
@@ -218,22 +232,17 @@ class GPT(nn.Module):
         if sp and (S % T or cache is not None):
             raise ValueError(f"sequence parallelism needs a whole sequence divisible by TP={T} (got {S} tokens"
                              f"{' and a KV cache' if cache is not None else ''}): run inference with it off")
-        x_SBH = self.wte(tokens.t())
-        if c.position_embedding == "learned":
-            # Under SP each rank holds the sequence block [r*S/T, (r+1)*S/T) from the embedding to the head.
-            mine = positions.narrow(-1, ctx.tp_rank * (S // T), S // T) if sp else positions
-            x_SBH = x_SBH + (self.wpe(mine).unsqueeze(1) if mine.dim() == 1 else self.wpe(mine.t()))
-            rope = None
-        else:  # rotary: the whole sequence's positions, applied after the QKV layer's SP all-gather
-            rope = self.rotary(positions)
+        x_SBH = self._embed(tokens, positions) if self.is_first_chunk(chunk) else hidden_SBH
+        rope = self.rotary(positions) if c.position_embedding == "rope" else None  # after the QKV's SP all-gather
         # packed documents without CP: one block-diagonal causal mask for every layer (under CP the ring's plan)
         mask = document_causal_mask(document_ids) if document_ids is not None and ring is None else None
-        x_SBH = _residual_dropout(x_SBH, c, self.rng, self.training)
-        for block in self.blocks:
+        for i in self.chunks[chunk]:
             if c.recompute == "full" and self.training:
-                x_SBH = checkpoint(block, self.rng, x_SBH, self.rng, rope, None, mask, ring)
+                x_SBH = checkpoint(self.blocks[i], self.rng, x_SBH, self.rng, rope, None, mask, ring)
             else:
-                x_SBH = block(x_SBH, self.rng, rope, cache, mask, ring)
+                x_SBH = self.blocks[i](x_SBH, self.rng, rope, cache, mask, ring)
+        if not self.is_last_chunk(chunk):
+            return x_SBH
         if cache is not None:
             cache.length += S
         x_SBH = self.ln_f(x_SBH)
@@ -244,17 +253,51 @@ class GPT(nn.Module):
         losses_SB = vocab_parallel_cross_entropy(logits_SBVt, targets.t(), group, vocab_size=c.vocab_size)
         return losses_SB.sum() / (targets != -100).sum().clamp(min=1)
 
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        c, ctx = self.config, self.ctx
+        x_SBH = self.wte(tokens.t())
+        if c.position_embedding == "learned":
+            # Under SP each rank holds the sequence block [r*S/T, (r+1)*S/T) from the embedding to the head.
+            S, T = tokens.shape[1], ctx.tp_size
+            mine = positions.narrow(-1, ctx.tp_rank * (S // T), S // T) if c.sequence_parallel else positions
+            x_SBH = x_SBH + (self.wpe(mine).unsqueeze(1) if mine.dim() == 1 else self.wpe(mine.t()))
+        return _residual_dropout(x_SBH, c, self.rng, self.training)
+
+    def is_first_chunk(self, chunk: int) -> bool:
+        """Whether model chunk `chunk` of this rank is the first virtual stage (it embeds the tokens)."""
+        return self.ctx.pp_rank == 0 and chunk == 0
+
+    def is_last_chunk(self, chunk: int) -> bool:
+        """Whether model chunk `chunk` of this rank is the last virtual stage (it computes the loss)."""
+        return self.ctx.pp_rank == self.ctx.pp_size - 1 and chunk == len(self.chunks) - 1
+
+    def tied_embedding(self) -> nn.Parameter | None:
+        """The word embedding when it is tied to the output layer across stages (PP > 1, first or last stage):
+        its two copies' gradients are summed over ctx.embedding_group (optim.finalize_model_grads)."""
+        if self.config.tie_embeddings and self.ctx.pp_size > 1 and hasattr(self, "wte"):
+            return self.wte.weight
+        return None
+
+    def tied_copies(self) -> list[str]:
+        """Parameters that are copies of another stage's: the last stage's tied embedding. A checkpoint saves
+        the first stage's (and loads both from it); the gradient norm counts it once."""
+        return ["wte.weight"] if self.tied_embedding() is not None and self.ctx.pp_rank > 0 else []
+
     def full_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter (or its gradient) as the full, unsharded tensor: collective over the TP group."""
         return {n: gather_tp_shards(p.grad if grads else p, tp_partition_dim(p), self.ctx.tp_group)
                 for n, p in self.named_parameters()}
 
     def num_parameters(self) -> tuple[int, int]:
-        """(full model, this rank), counting a tied embedding once."""
-        T = self.ctx.tp_size
+        """(full model, this rank), counting a tied embedding once (collective over the PP group at PP > 1)."""
+        T, copies = self.ctx.tp_size, self.tied_copies()
         local = sum(p.numel() for p in self.parameters())
-        full = sum(p.numel() * (T if tp_partition_dim(p) is not None else 1) for p in self.parameters())
-        return full, local
+        full = torch.tensor(sum(p.numel() * (T if tp_partition_dim(p) is not None else 1)
+                                for n, p in self.named_parameters() if n not in copies), dtype=torch.int64)
+        if self.ctx.pp_size > 1:  # every stage's own parameters
+            full = full.to(self.ctx.device)
+            dist.all_reduce(full, group=self.ctx.pp_group)
+        return int(full), local
 
     @contextlib.contextmanager
     def context_parallel_off(self):
@@ -281,6 +324,26 @@ class GPT(nn.Module):
             self.config.sequence_parallel = saved[0]
             for m, on in zip(layers, saved[1]):
                 m.sequence_parallel = on
+
+
+class Layers(nn.Module):
+    """The transformer layers a stage holds, named by their global index (`blocks.17.*` on whatever stage
+    holds layer 17, so checkpoints and the HF mapping need no pipeline awareness); iterated in order,
+    indexed by global index."""
+
+    def __init__(self, layers: dict[int, nn.Module]):
+        super().__init__()
+        for i, layer in layers.items():
+            self.add_module(str(i), layer)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self._modules[str(i)]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
 
 class Block(nn.Module):
@@ -483,8 +546,26 @@ def _residual_dropout(x, c: GPTConfig, rng: RNGTracker, training: bool):
         return F.dropout(x, c.dropout, training=True)
 
 
+_EMBEDDING, _POSITIONS, _OUTPUT, _FIRST_LAYER = range(4)  # generator slots: one per tensor group, then a layer each
+_PP_SEED_OFFSET = 100  # dropout streams differ per stage (Megatron's seed + 100 * pipeline rank)
+
+
+def _generator(seed: int, slot: int) -> torch.Generator:
+    """The generator of one slot: its tensors come out the same whichever stage builds them."""
+    return torch.Generator().manual_seed((slot << 32) + seed)
+
+
 def _normal_init(std: float, gen: torch.Generator):
     return lambda w: w.normal_(0.0, std, generator=gen)
+
+
+def _layer_init(c: GPTConfig, layer: int, init_weights: bool):
+    """Layer `layer`'s two init methods (GPT-2's scaled init of the residual output projections), drawing
+    from one generator of its own in construction order."""
+    if not init_weights:
+        return _no_init, _no_init
+    gen = _generator(c.seed, _FIRST_LAYER + layer)
+    return _normal_init(c.init_std, gen), _normal_init(c.init_std / math.sqrt(2 * c.num_layers), gen)
 
 
 def _no_init(w: torch.Tensor) -> None:

@@ -61,29 +61,40 @@ def lr_at(step: int, o, total_steps: int) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def finalize_model_grads(model: nn.Module, replicated_grads: list[torch.Tensor] | None = None) -> None:
-    """The TP part of Megatron-Core's `finalize_model_grads`, run once per optimizer step after the last
-    backward (the optimizers call it from `prepare_grads`, after their DP reduction).
+def finalize_model_grads(model: nn.Module, replicated_grads: list[torch.Tensor] | None = None,
+                         embedding_grads: list[torch.Tensor] | None = None) -> None:
+    """The TP and PP parts of Megatron-Core's `finalize_model_grads`, run once per optimizer step after the
+    last backward (the optimizers call it from `prepare_grads`, after their DP reduction).
 
     Under sequence parallelism each TP rank's gradient of a replicated parameter (LayerNorm weights and
     biases, row-parallel biases, position embeddings) covers only its own tokens: they are summed over TP,
     all of them in one all-reduce. Summing after gradient accumulation and after the DP average gives the
     same sum as summing each micro-batch's. `replicated_grads`: the gradients to sum (default: every
-    replicated parameter's .grad; the distributed optimizer passes the parts of them this rank owns)."""
-    if not model.config.sequence_parallel or model.ctx.tp_size == 1:
-        return
-    if replicated_grads is None:
-        replicated_grads = [p.grad for p in replicated_params(model) if p.grad is not None]
-    all_reduce_coalesced(replicated_grads, model.ctx.tp_group)
+    replicated parameter's .grad; the distributed optimizer passes the parts of them this rank owns).
+
+    Under pipeline parallelism a tied word embedding has a copy on the first stage (the input embedding)
+    and one on the last (the output layer): their gradients are summed over the embedding group, so both
+    copies take the same update (Megatron's `_allreduce_word_embedding_grads`). `embedding_grads`: the parts
+    of it to sum (default: the whole .grad; the distributed optimizer passes the part this rank owns, the same
+    range on both stages)."""
+    if model.config.sequence_parallel and model.ctx.tp_size > 1:
+        if replicated_grads is None:
+            replicated_grads = [p.grad for p in replicated_params(model) if p.grad is not None]
+        all_reduce_coalesced(replicated_grads, model.ctx.tp_group)
+    tied = model.tied_embedding()
+    if tied is not None:
+        all_reduce_coalesced([tied.grad] if embedding_grads is None else embedding_grads, model.ctx.embedding_group)
 
 
 def grad_norm(grads: list[tuple[torch.Tensor, bool]], tp_group: dist.ProcessGroup,
-              dp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+              dp_group: dist.ProcessGroup | None = None, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """The global L2 norm of the full model's gradient, from (gradient, is TP-sharded) pairs.
 
     A TP-sharded gradient contributes each of its shards once (summed over the TP group); a replicated one,
     the same on every TP rank, once. `dp_group`: the gradients are DP shards (the distributed optimizer's),
-    summed over DP too; without it they are equal on every DP rank (DDP's average)."""
+    summed over DP too; without it they are equal on every DP rank (DDP's average). `pp_group`: each stage
+    holds its own layers, summed over the stages (the caller leaves out copies of another stage's parameters,
+    such as the last stage's tied embedding)."""
     device = grads[0][0].device if grads else torch.device("cpu")
 
     def sq(gs):
@@ -94,8 +105,9 @@ def grad_norm(grads: list[tuple[torch.Tensor, bool]], tp_group: dist.ProcessGrou
     if dist.get_world_size(tp_group) > 1:
         dist.all_reduce(sharded_sq, group=tp_group)
     total = sharded_sq + sq([g for g, sharded in grads if not sharded])
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(total, group=dp_group)
+    for group in (dp_group, pp_group):
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
     return total.sqrt()
 
 
@@ -117,12 +129,18 @@ def init_adam_state(opt: torch.optim.Optimizer) -> None:
 
 class Optimizer:
     """parallel.zero=0: torch's AdamW over the whole local model, its state replicated over DP; DDP averages
-    the gradients over the DP group during the last micro-batch's backward (in buckets, overlapped)."""
+    the gradients over the DP group during the last micro-batch's backward (in buckets, overlapped).
+
+    Under pipeline parallelism (PP > 1) there is no DDP: DDP decides in forward whether the next backward
+    reduces, and in 1F1B the last micro-batch's forward is followed by other micro-batches' backwards. The
+    gradients are averaged over DP in `prepare_grads`, in one all-reduce after the schedule (Megatron-Core
+    has its own DDP for this reason; parallel.zero=1, whose hooks decide in backward, overlaps)."""
 
     def __init__(self, model: nn.Module, o, ctx):
         self.model, self.ctx, self.grad_clip = model, ctx, o.grad_clip
         # the DP x CP group: every CP rank holds the same weights, and its gradient covers its own tokens
-        self.module = DDP(model, process_group=ctx.dp_cp_group) if ctx.dp_cp_size > 1 else model
+        self.ddp = ctx.dp_cp_size > 1 and ctx.pp_size == 1
+        self.module = DDP(model, process_group=ctx.dp_cp_group) if self.ddp else model
         self.adamw = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                        fused=bool(o.fused and ctx.device.type == "cuda"))
         init_adam_state(self.adamw)
@@ -130,16 +148,32 @@ class Optimizer:
         self._norm = None  # the norm of the finalized gradients of this step
 
     def no_sync(self):
-        return self.module.no_sync() if isinstance(self.module, DDP) else contextlib.nullcontext()
+        return self.module.no_sync() if self.ddp else contextlib.nullcontext()
 
     def prepare_grads(self) -> torch.Tensor:
         """Finalize the gradients (DDP has averaged them over DP by the end of backward; sum the SP-replicated
         ones over TP) and return their global norm. Once per step; `step()` calls it if the loop did not."""
         if self._norm is None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if not self.ddp and self.ctx.dp_cp_size > 1:  # PP > 1: DDP's average, after the schedule
+                self._dp_average(grads)
             finalize_model_grads(self.model)
-            self._norm = grad_norm([(p.grad, tp_partition_dim(p) is not None) for p in self.model.parameters()
-                                    if p.grad is not None], self.ctx.tp_group)
+            copies = self.model.tied_copies()
+            self._norm = grad_norm([(p.grad, tp_partition_dim(p) is not None) for n, p in self.model.named_parameters()
+                                    if p.grad is not None and n not in copies], self.ctx.tp_group,
+                                   pp_group=self.ctx.pp_group)
         return self._norm
+
+    def _dp_average(self, grads: list[torch.Tensor], bucket_bytes: int = 25 * 2**20) -> None:
+        """Average over DP x CP in buckets of about DDP's size (one flat copy of a bucket at a time)."""
+        torch._foreach_div_(grads, self.ctx.dp_cp_size)  # before the sum, as DDP does
+        bucket, size = [], 0
+        for k, g in enumerate(grads):
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            if size >= bucket_bytes or k == len(grads) - 1:
+                all_reduce_coalesced(bucket, self.ctx.dp_cp_group)
+                bucket, size = [], 0
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:

@@ -19,8 +19,6 @@ micro-batch loop that applies it, `mean_loss` the same mean for evaluation.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
@@ -41,38 +39,33 @@ def token_weights(counts: list[int], ctx) -> tuple[list[float], int]:
 
 
 def dp_cp_mean(value: torch.Tensor, ctx) -> float:
-    """The mean of a scalar over the DP x CP ranks (each holds the losses of its own tokens)."""
+    """The mean of a scalar over the DP x CP ranks (each holds the losses of its own tokens); a loss computed on
+    the last pipeline stage (zero on the others) is first summed over the PP group."""
     value = value.detach().float().clone()
+    if ctx.pp_size > 1:
+        dist.all_reduce(value, group=ctx.pp_group)
     if ctx.dp_cp_size > 1:
         dist.all_reduce(value, group=ctx.dp_cp_group)
     return value.item() / ctx.dp_cp_size
 
 
-def forward_backward(forward, opt, batches: list, ctx, autocast) -> torch.Tensor:
-    """Forward and backward of this rank's micro-batches of one step (the trainer's loop), each loss scaled by
-    w_m / M; the gradients are reduced over DP once, during the last backward. Returns sum_m l_m w_m (the step's
-    loss is its mean over the DP x CP ranks, divided by M)."""
+def forward_backward(pipeline, opt, batches: list, ctx, autocast) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches of one step through the pipeline schedule
+    (pipeline_parallel.PipelineExecutor: at PP = 1 each micro-batch in turn), each loss scaled by w_m / M; the
+    gradients are reduced over DP x CP once, at the end. Returns sum_m l_m w_m on the last stage, 0 on the
+    others (the step's loss is its mean over the DP x CP ranks, divided by M)."""
     accum = len(batches)
-    loss_sum = torch.zeros((), device=ctx.device)
     weights, _ = token_weights([count_targets(b.targets) for b in batches], ctx)  # counted before the forward
-    for micro, (batch, weight) in enumerate(zip(batches, weights)):
-        b = batch.to(ctx.device)
-        sync = micro == accum - 1  # reduce over DP once, on the last micro-batch
-        with (contextlib.nullcontext() if sync else opt.no_sync()), autocast:
-            loss = forward(b.tokens, b.targets, **b.metadata())
-            (loss * weight / accum).backward()
-        loss_sum += loss.detach() * weight
-    return loss_sum
+    losses = pipeline.forward_backward([b.to(ctx.device) for b in batches], [w / accum for w in weights],
+                                       opt.no_sync, autocast)
+    return sum((loss * w for loss, w in zip(losses, weights)), torch.zeros((), device=ctx.device))
 
 
 @torch.no_grad()
-def mean_loss(model, batches: list, ctx, autocast) -> tuple[float, int]:
+def mean_loss(pipeline, batches: list, ctx, autocast) -> tuple[float, int]:
     """(the mean loss over the counted targets of this rank's `batches` and those of every other DP x CP rank,
-    how many targets that is): evaluation, weighted as a training step is."""
-    total = torch.zeros((), device=ctx.device)
+    how many targets that is): evaluation through the pipeline's forwards, weighted as a training step is."""
     weights, count = token_weights([count_targets(b.targets) for b in batches], ctx)
-    for batch, weight in zip(batches, weights):
-        b = batch.to(ctx.device)
-        with autocast:
-            total += model(b.tokens, b.targets, **b.metadata()) * weight
+    losses = pipeline.forward_only([b.to(ctx.device) for b in batches], autocast)
+    total = sum((loss * w for loss, w in zip(losses, weights)), torch.zeros((), device=ctx.device))
     return dp_cp_mean(total / len(batches), ctx), count

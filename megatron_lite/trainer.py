@@ -1,10 +1,12 @@
-"""The training loop over a DP x TP grid: data, model, DDP, AdamW, logs, evaluation, checkpoints, sample.
+"""The training loop over a DP x PP x TP grid: data, model, DDP, AdamW, logs, evaluation, checkpoints, sample.
 
 One optimizer step consumes `train.global_batch_size` sequences: each DP rank runs `grad_accum` micro-batches
-of `train.micro_batch_size`; the gradients are reduced over the DP group once, during the last micro-batch's
-backward (DDP's all-reduce, or the distributed optimizer's reduce-scatter under parallel.zero=1), and
-finalized (optim.finalize_model_grads) once per optimizer step. The step's loss is the mean over all of its
-counted targets (token_loss.py: each micro-batch's loss is weighted by its share of them).
+of `train.micro_batch_size` through the pipeline schedule (pipeline_parallel: at PP = 1 forward and backward
+of each micro-batch in turn); the gradients are reduced over the DP x CP group once, during the last
+micro-batch's backward (DDP's all-reduce, or the distributed optimizer's reduce-scatter under parallel.zero=1;
+after the schedule at PP > 1 with zero=0), and finalized (optim.finalize_model_grads) once per optimizer step.
+The step's loss, computed on the last pipeline stage, is the mean over all of its counted targets (token_loss.py:
+each micro-batch's loss is weighted by its share of them).
 
 At every step boundary the ranks agree whether to stop (a stop signal, the time limit) and on the outcome of
 the checkpoint in flight; a hang watchdog is armed for every step, evaluation and save (resilience.py).
@@ -21,7 +23,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, load_model
 from .config import Config, config_warnings, gpt_config, grad_accum_steps, train_dtype
 from .context_parallel import shard_batch
 from .data import TokenizedCorpus, dp_sample_indices, prepare_corpus
@@ -31,7 +33,8 @@ from .hf_config import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
 from .model import GPT
 from .optim import build_optimizer, lr_at
-from .parallel import ParallelContext, init_parallel
+from .parallel import ParallelContext, build_parallel_context, init_parallel
+from .pipeline_parallel import PipelineExecutor, describe, stage_chunks
 from .resilience import RunGuard
 from .token_loss import dp_cp_mean, forward_backward, mean_loss
 
@@ -64,11 +67,20 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     log.info(f"layout: {ctx.describe()}")
     corpus = prepare_corpus(cfg.data, log=log.info)  # one process builds, the others poll: no collective
     from_hf = cfg.checkpoint.load is not None and is_hf_model_dir(cfg.checkpoint.load)
-    model = GPT(gpt_config(cfg), ctx, init_weights=not from_hf)  # HF weights, or a resumed checkpoint's, replace them
+    model_cfg, p = gpt_config(cfg), cfg.parallel
+    chunks = stage_chunks(model_cfg.num_layers, ctx.pp_size, ctx.pp_rank, p.pp_virtual, p.pp_layers)
+    model = GPT(model_cfg, ctx, init_weights=not from_hf, chunks=chunks)  # HF or resumed weights replace them
     opt = build_optimizer(model, cfg.optim, ctx, zero=cfg.parallel.zero)
-    forward = opt.module  # DDP(model) under zero=0 with DP > 1, else the model
+    forward = opt.module  # DDP(model) under zero=0 with DP > 1 (and PP = 1), else the model
     if cfg.train.compile:
         forward = torch.compile(forward)
+    accum = grad_accum_steps(cfg, ctx.world_size)
+    pipeline = PipelineExecutor(forward, model.config, ctx, accum, p.pp_schedule, p.pp_virtual)
+    if ctx.pp_size > 1:
+        log.info(f"pipeline: {p.pp_schedule} over PP={ctx.pp_size}" + (f" x {p.pp_virtual} model chunks per rank"
+                 if p.pp_virtual > 1 else "") + f", {accum} micro-batches per step (bubble (P-1)/(V m) = "
+                 f"{(ctx.pp_size - 1) / (p.pp_virtual * accum):.3f}); "
+                 + describe(model_cfg.num_layers, ctx.pp_size, p.pp_virtual, p.pp_layers, model_cfg.tie_embeddings))
     ckpt = Checkpointer(cfg, ctx, corpus, wandb_id=log.wandb_id(), agree=agreement.sum, log=log.info)
     state = TrainState()
     source = ckpt.resume_source()
@@ -86,7 +98,6 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
     guard.write_status("running")
 
-    accum = grad_accum_steps(cfg, ctx.world_size)
     train_data, val_data = make_windows(cfg.data, corpus, cfg.model.seq_len, cfg.train.seed, log=log.info)
     if cfg.data.sampling == "epoch":
         log.info(f"data: epochs of {train_data.windows:,} windows ({train_data.windows / cfg.train.global_batch_size:,.1f} "
@@ -104,7 +115,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         batches = [shard_batch(train_data.sample(dp_sample_indices(state.consumed_samples, micro,
                                                                    cfg.train.micro_batch_size, ctx.dp_rank,
                                                                    ctx.dp_size)), ctx) for micro in range(accum)]
-        loss_sum = forward_backward(forward, opt, batches, ctx, autocast)
+        loss_sum = forward_backward(pipeline, opt, batches, ctx, autocast)  # the DP reduction runs once, at the end
         norm = opt.prepare_grads()  # finalize: DP reduction done, SP-replicated grads summed over TP; global norm
         loss_avg, norm_value = dp_cp_mean(loss_sum / accum, ctx), norm.item()
         if not (math.isfinite(loss_avg) and math.isfinite(norm_value)):  # before the update spoils the weights
@@ -123,7 +134,7 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
                      epoch=train_data.epoch(state.consumed_samples - 1))
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps:
             guard.arm(f"evaluation after step {state.step}")
-            log.eval(state.step, _evaluate(model, val_data, cfg, ctx, autocast))
+            log.eval(state.step, _evaluate(model, pipeline, val_data, cfg, ctx, autocast))
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
             guard.arm(f"checkpoint save of step {state.step}")
             ckpt.save(state.step, model, opt, asdict(state))
@@ -138,28 +149,43 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
     else:
         guard.write_status(f"finished {state.step}")
         if not stop:  # a stop signal during the last step: exit now, the sample can wait
-            _sample(model, corpus, cfg, log)
+            _sample(model, corpus, cfg, log, ckpt.newest())
     log.finish()
 
 
 @torch.no_grad()
-def _evaluate(model: GPT, data, cfg: Config, ctx: ParallelContext, autocast) -> float:
+def _evaluate(model: GPT, pipeline: PipelineExecutor, data, cfg: Config, ctx: ParallelContext, autocast) -> float:
     """Mean loss over the counted targets of the same eval_iters x global-batch validation windows every time,
-    split over DP like a training step, so that the value does not depend on the layout."""
+    split over DP like a training step (through the pipeline's forwards), so that the value does not depend on
+    the layout."""
     model.eval()
     accum = grad_accum_steps(cfg, ctx.world_size)
-    batches = [shard_batch(data.sample(dp_sample_indices(it * cfg.train.global_batch_size, micro,
-                                                         cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size)), ctx)
-               for it in range(cfg.train.eval_iters) for micro in range(accum)]
-    loss, _ = mean_loss(model, batches, ctx, autocast)
+    loss_sum = count = 0
+    for it in range(cfg.train.eval_iters):  # one pipeline program of `accum` micro-batches at a time
+        batches = [shard_batch(data.sample(dp_sample_indices(it * cfg.train.global_batch_size, micro,
+                                                             cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size)),
+                               ctx) for micro in range(accum)]
+        mean, n = mean_loss(pipeline, batches, ctx, autocast)
+        loss_sum, count = loss_sum + mean * n, count + n
+    loss = loss_sum / max(count, 1)  # the mean over every counted target of the evaluation
     model.train()
     return loss
 
 
-def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger) -> None:
-    s = cfg.sample
+def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger, newest) -> None:
+    """The closing sample. Under pipeline parallelism no rank holds the whole model: rank 0 loads the final
+    checkpoint alone, at PP = 1 (checkpoints load in any layout), and generates from it."""
+    s, ctx = cfg.sample, model.ctx
     if s.max_new_tokens == 0:
         return
+    if ctx.pp_size > 1:
+        alone = build_parallel_context(1, ctx.device, world_size=1)  # every rank creates the groups; rank 0's
+        if alone is None:
+            return
+        if newest is None:
+            log.info("sample: skipped, no checkpoint to load the whole model from")
+            return
+        model = load_model(newest, alone, process_group=alone.tp_group, sequence_parallel=False)
     tok = corpus.tokenizer()
     ids = generate(model, tok.frame(tok.encode(s.prompt), last=False), s.max_new_tokens, temperature=s.temperature,
                    top_k=s.top_k, seed=cfg.train.seed, eos_id=tok.eos_id)

@@ -53,7 +53,8 @@ def _collect(out_path: str, root: str, steps) -> None:
 
 
 def run_world(steps, world_size: int, root: Path) -> dict:
-    """Call each step(out, root) in turn on `world_size` gloo ranks, every rank the same `root` directory;
-    return rank 0's `out` dict (the findings the tests assert on)."""
+    """Call each step(out, root) in turn (`steps`: one callable or a list) on `world_size` gloo ranks, every rank
+    the same `root` directory; return rank 0's `out` dict (the findings the tests assert on)."""
+    steps = [steps] if callable(steps) else steps
     run_distributed(_collect, world_size, str(root / "out.pkl"), str(root), steps)
     return pickle.loads((root / "out.pkl").read_bytes())

@@ -136,3 +136,30 @@ def test_data_preparation_section_runs_and_prints(tmp_path):
     assert res["workers"][1]["text_bytes"] == res["workers"][2]["text_bytes"] > 2e6
     assert res["hf"]["pipeline"] > 0 and res["hf"]["pieces"] > 0 and len(res["long_line"]) == 4
     assert any("== 9. data preparation" in line for line in json.loads(out.read_text())["report"])
+
+
+@pytest.mark.parametrize("P,V,m", [(2, 1, 4), (2, 1, 8), (4, 1, 8), (2, 2, 4), (2, 2, 8), (4, 2, 8), (4, 2, 16)])
+def test_replayed_bubble_of_the_schedules_is_the_papers(P, V, m):
+    """Section 11's op-timeline replay of the 1F1B and interleaved orders, uniform pass times (t_b = 2 t_f):
+    the bubble is (P - 1) / (V m) (Narayanan et al. 2021, section 2.2)."""
+    from benchmarks.pipeline import replay
+    from megatron_lite.pipeline_parallel import compute_order
+    per_rank = [dict(stage=s, tp_rank=0, trace=[(a.op, a.microbatch, a.chunk, 0.0, 0.0) for a in
+                                                 compute_order("interleaved" if V > 1 else "1f1b", P, V, m, s)])
+                for s in range(P)]
+    r = replay(per_rank, P, V, {"F": 1.0 / V, "B": 2.0 / V})
+    assert r["busy"] == 3 * m and abs(r["bubble"] - (P - 1) / (V * m)) < 1e-12, r
+
+
+@pytest.mark.slow
+def test_pipeline_section_runs_and_equals_theory(tmp_path):
+    """Section 11 at --quick sizes: replayed bubbles equal (P-1)/(Vm), p2p bytes equal theory exactly, stage 0's
+    peak activation memory within 1% of in-flight x layers x the per-layer formula (P > 1)."""
+    res = run.main(["--quick", "--sections", "11", "--out", str(tmp_path / "bench.json")])["pipeline"]
+    assert [(r["P"], r["V"], r["T"]) for r in res] == [(1, 1, 1), (2, 1, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (2, 1, 2)]
+    for r in res:
+        assert abs(r["replay_uniform"]["bubble"] - r["theory_bubble"]) < 1e-12, r["replay_uniform"]
+        if r["P"] > 1:
+            assert r["p2p_measured"] == r["p2p_theory"]
+        if r["P"] > 1 and r["T"] == 1:
+            assert abs(r["stage0_peak"] / r["stage0_theory"] - 1) < 0.01, (r["stage0_peak"], r["stage0_theory"])

@@ -64,6 +64,8 @@ FAILING = {
     "hf_tp_split": ([TRAIN, "parallel.tp=4", "checkpoint.load={hf}/llama_tokenizer"], {"WORLD_SIZE": "4"},
                     ["model.num_heads=4 and model.num_kv_heads=2 must both be divisible by parallel.tp=4",
                      "valid tp: 1, 2"]),
+    "pp_microbatches": ([TRAIN, "parallel.pp=4", "train.global_batch_size=8"], {"WORLD_SIZE": "4"},
+                        ["2 micro-batches per step", "fewer than the parallel.pp=4 stages"]),
     # Hydra's own messages
     "unknown_key": ([TRAIN, "train.stepz=5"], {}, ["Key 'stepz' not in 'TrainConfig'"]),
     "bad_type": ([TRAIN, "train.steps=abc"], {}, ["Value 'abc'", "train.steps"]),
@@ -151,7 +153,8 @@ def test_cfg_job_prints_every_key(cli):
             assert isinstance(node, dict) and part in node, f"{key} missing from --cfg job:\n{out}"
             node = node[part]
     assert "TORCHELASTIC_RUN_ID" in cfg["run_dir"]
-    assert cfg["parallel"] == {"tp": 1, "cp": 1, "pp": 1, "sp": True, "tp_comm_overlap": True, "zero": 0}
+    assert cfg["parallel"] == {"tp": 1, "cp": 1, "pp": 1, "pp_schedule": "1f1b", "pp_virtual": 1, "pp_layers": None,
+                               "sp": True, "tp_comm_overlap": True, "zero": 0}
     assert (cfg["train"]["steps"], cfg["model"]["name"]) == (500, "tiny")
     assert (cfg["checkpoint"]["on_error"], cfg["train"]["hang_timeout_s"], cfg["train"]["exit_signals"]) == \
         ("stop", 300.0, ["SIGTERM", "SIGUSR1"])
@@ -264,6 +267,24 @@ def test_validate_cross_field_rules():
     _fails(_cfg(train__hang_timeout_s=900.0), 2, "train.hang_timeout_s=900", "collective timeout")
     _fails(_cfg(checkpoint__on_error="ignore"), 2, "checkpoint.on_error='ignore'", "stop, warn")
     validate(_cfg(train__max_minutes=0.5, train__hang_timeout_s=0.0, train__exit_signals=["SIGUSR2"]), 2)
+
+
+def test_validate_pipeline_layouts():
+    validate(_cfg(parallel__pp=2), 4)  # DP2 x PP2: 2 micro-batches of 4 per step, 2 stages of 2 layers
+    validate(_cfg(parallel__pp=2, parallel__tp=2), 8)
+    validate(_cfg(parallel__pp=3, parallel__pp_layers=[1, 2, 1]), 3)
+    validate(_cfg(parallel__pp=2, parallel__pp_schedule="interleaved", parallel__pp_virtual=2), 2)
+    _fails(_cfg(parallel__pp=3), 4, "world size 4 is not divisible by parallel.pp=3")
+    _fails(_cfg(parallel__pp=3), 3, "model.num_layers=4 is not divisible by parallel.pp=3", "[1, 2, 4]",
+           "parallel.pp_layers=[1,2,1]")
+    _fails(_cfg(parallel__pp=2, parallel__pp_layers=[3, 2]), 2, "parallel.pp_layers=[3, 2]", "model.num_layers=4")
+    _fails(_cfg(parallel__pp=4), 8, "2 micro-batches per step", "parallel.pp=4", "use at least 4")
+    _fails(_cfg(parallel__pp=2, parallel__pp_schedule="interleaved", parallel__pp_virtual=2,
+                train__global_batch_size=12), 2, "groups of parallel.pp=2", "3 per step", "(e.g. 4)")
+    _fails(_cfg(parallel__pp=2, parallel__pp_schedule="interleaved", parallel__pp_virtual=3), 2,
+           "model.num_layers=4 is not divisible by parallel.pp=2 x parallel.pp_virtual=3 = 6 stages")
+    _fails(_cfg(parallel__pp=2, parallel__pp_virtual=2), 2, "parallel.pp_virtual=2 needs parallel.pp_schedule=interleaved")
+    _fails(_cfg(parallel__pp_schedule="interleaved", parallel__pp_virtual=2), 2, "needs parallel.pp >= 2")
 
 
 def test_validate_data():

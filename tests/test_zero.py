@@ -82,9 +82,9 @@ def train(model, opt, ctx, steps, cfg, first_step: int = 0):
     return losses, norms
 
 
-def build(ctx, cfg, sp, zero, **kw):
+def build(ctx, cfg, sp, zero, optim=OPTIM, **kw):
     model = GPT(GPTConfig(**cfg, sequence_parallel=sp), ctx)
-    return model, build_optimizer(model, OPTIM, ctx, zero=zero, **({"bucket_bytes": BUCKET} | kw if zero else {}))
+    return model, build_optimizer(model, optim, ctx, zero=zero, **({"bucket_bytes": BUCKET} | kw if zero else {}))
 
 
 def all_max(x: float, ctx) -> float:

@@ -153,6 +153,7 @@ def init_worker(parent: int) -> None:
     tasks forever; Ctrl-C is the parent's to handle (it stops the workers)."""
     os.environ["RAYON_NUM_THREADS"] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked from birth (passes._Pool); now ignored
     libc = getattr(ctypes.CDLL(None), "prctl", None)
     if libc is not None:
         libc(PR_SET_PDEATHSIG, signal.SIGKILL)

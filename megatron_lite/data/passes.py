@@ -11,6 +11,7 @@ import hashlib
 import heapq
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,6 +29,19 @@ from .progress import Progress
 from .readers import tasks
 
 
+class _Pool(ProcessPoolExecutor):
+    """Workers born with SIGINT blocked: Ctrl-C reaches the terminal's whole process group, and a worker still
+    starting its interpreter would die of it with a 'Fatal Python error' traceback; blocked (the mask survives
+    fork and exec), it stays pending until init_worker has set the worker to ignore it."""
+
+    def _spawn_process(self):
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super()._spawn_process()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 @contextmanager
 def worker_pool(workers: int):
     """Spawned worker processes (None: work in this process). Spawned, not forked: the caller may hold threads
@@ -35,8 +49,7 @@ def worker_pool(workers: int):
     if workers == 1:
         yield None
         return
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
-                               initargs=(os.getpid(),))
+    pool = _Pool(workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(os.getpid(),))
     try:
         yield pool
     except BaseException:  # an error, Ctrl-C: stop the workers now rather than after their current tasks
