@@ -49,6 +49,7 @@ from .data.packing import Batch, PackedWindows, document_metadata
 from .data.split import hold_out
 from .hf_config import is_hf_model_dir
 from .parallel import check_world_size, init_parallel
+from .pipeline_parallel import PipelineExecutor
 from .token_loss import mean_loss
 from .trainer import _autocast
 
@@ -132,7 +133,8 @@ def main() -> None:
     ctx = init_parallel(cfg.parallel.tp, device=None if cfg.train.device == "auto" else cfg.train.device)
     model = load_model(ckpt, ctx, sequence_parallel=config.sequence_parallel, seq_len=config.seq_len)
     batches = rank_batches(windows, cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size)
-    loss, tokens = mean_loss(model, batches, ctx, _autocast(cfg, ctx))
+    one_stage = PipelineExecutor(model, model.config, ctx, len(batches))  # PP = 1: each micro-batch in turn
+    loss, tokens = mean_loss(one_stage, batches, ctx, _autocast(cfg, ctx))
     if ctx.is_first_rank:
         what = "validation split" if args.split == "val" else "whole corpus"
         result = dict(checkpoint=str(ckpt), split=args.split, loss=loss, perplexity=math.exp(loss), tokens=tokens,
