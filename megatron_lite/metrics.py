@@ -30,7 +30,7 @@ def flops_per_token(c, n_params: int, seq_len: int) -> float:
 
     N counts the parameters that do matmul work per token, as nanoGPT does: all but the learned position
     embeddings (a tied token embedding is also the output layer, the largest matmul of a small GPT)."""
-    n = n_params - (c.seq_len * c.hidden_size if c.position_embedding == "learned" else 0)
+    n = n_params - (c.max_seq_len * c.hidden_size if c.position_embedding == "learned" else 0)
     return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
