@@ -38,8 +38,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from .checkpoint_shards import sharded_moment
 from .data import DataError
 from .distributed_optimizer import DistributedOptimizer
+from .config import train_dtype
 from .hf import hf_model_config, is_hf_model_dir, load_hf_weights
+from .hf_config import read_source_files, write_source_files
 from .tensor_parallel import tp_partition_dim
+from .tokenizer import load_tokenizer
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
@@ -288,6 +291,8 @@ class Checkpointer:
         self.cfg, self.ctx, self.corpus, self.wandb_id, self.agree, self.log = cfg, ctx, corpus, wandb_id, agree, log
         self.root = Path(cfg.run_dir) / "checkpoints"
         self.pending: _Save | None = None  # the save whose outcome the ranks have not agreed on yet
+        # the config.json and generation_config.json of the HF model the run descends from, for every checkpoint
+        self.source_files: dict[str, bytes] = {}
         self.saved_step: int | None = None  # the newest step saved by this launch, agreed
         # Async saves talk on their own group, so the background thread never races the training collectives.
         self.group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
@@ -315,6 +320,7 @@ class Checkpointer:
     def load(self, path: Path, model, opt) -> dict:
         """Load model, AdamW state and RNG streams in place (any layout); return step and samples consumed.
         An HF model directory gives the weights only: the optimizer and the data start from scratch."""
+        self.source_files = read_source_files(path)
         if is_hf_model_dir(path):
             load_hf_weights(model, path)
             return {"step": 0, "consumed_samples": 0}
@@ -342,7 +348,7 @@ class Checkpointer:
         sd = _full_state(model, opt, self.ctx, copies=False)
         meta = {**state, "config": asdict(self.cfg), "model": asdict(model.config), "data": self.corpus.identity(),
                 "tokenizer": {"fingerprint": self.corpus.identity()["tokenizer"], "vocab_size": self.corpus.vocab_size},
-                "wandb_id": self.wandb_id,
+                "wandb_id": self.wandb_id, "dtype": train_dtype(self.cfg, self.ctx.device.type),
                 "layout": {"dp": self.ctx.dp_size, "cp": self.ctx.cp_size, "tp": self.ctx.tp_size,
                            "sp": self.cfg.parallel.sp, "pp": self.ctx.pp_size, "pp_virtual": self.cfg.parallel.pp_virtual},
                 "torch": torch.__version__}
@@ -373,6 +379,7 @@ class Checkpointer:
             shutil.rmtree(final)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         self.corpus.tokenizer().save(tmp)  # load_tokenizer(checkpoint) reads it back
+        write_source_files(self.source_files, tmp)  # export writes the source model's config.json
         os.replace(tmp, final)
         self.log(f"saved checkpoint {final}")
         keep = self.cfg.checkpoint.keep
@@ -430,7 +437,8 @@ def model_config(path: str | Path, **overrides):
     path = resolve(path)
     if is_hf_model_dir(path):
         return hf_model_config(path, **overrides)
-    return GPTConfig(**{**read_meta(path)["model"], **overrides})
+    saved = read_meta(path)["model"]
+    return GPTConfig(**{"max_seq_len": saved["seq_len"], **saved, **overrides})  # older checkpoints: no max_seq_len
 
 
 def load_model(path: str | Path, ctx, process_group=None, **overrides):
@@ -446,3 +454,15 @@ def load_model(path: str | Path, ctx, process_group=None, **overrides):
     check_shapes(saved, model, ctx, path)
     dcp.load(model_state(model, ctx), checkpoint_id=str(path), process_group=process_group)
     return model.eval()
+
+
+def checkpoint_tokenizer(ckpt: Path, tokenizer: str | Path | None, option: str):
+    """`tokenizer` when given, else the checkpoint's own; a checkpoint without one names `option`, the way to give
+    one (e.g. "--tokenizer PATH")."""
+    try:
+        return load_tokenizer(tokenizer or ckpt)
+    except DataError as e:
+        if tokenizer:
+            raise
+        raise DataError(f"{e}: {ckpt} has no tokenizer: name one with {option} (a tokenizer.json, a sentencepiece "
+                        f".model or a model directory)") from None

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from megatron_lite.data import DataConfig
+from megatron_lite.hf_config import SHAPE  # torch-free too
 from megatron_lite.rope_scaling import RopeScaling  # not from model.py: reading a config imports no torch
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ class ModelConfig:
     num_kv_heads: Optional[int] = None  # None: num_heads; fewer: grouped-query attention (Llama 2 70B, Llama 3)
     head_dim: Optional[int] = None  # None: hidden_size / num_heads
     ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
-    seq_len: int = 128  # training sequence length (for a checkpoint.load of an HF model: <= its context)
+    seq_len: int = 128  # the training window, in tokens (for a checkpoint.load of an HF model: <= its context)
+    max_seq_len: Optional[int] = None  # the model's context (learned positions; generation); None: seq_len
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (Llama)
     norm_eps: float = 1e-5
     position_embedding: str = "learned"  # learned (GPT-2) | rope (Llama)
@@ -49,6 +51,8 @@ class ModelConfig:
     rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+: {rope_type: llama3, factor: 8, ...}
     mlp: str = "gelu"  # gelu (GPT-2, tanh approximation) | swiglu (Llama)
     attention_bias: bool = True  # biases of QKV and the attention output (GPT-2 has them, Llama not)
+    qkv_bias: Optional[bool] = None  # biases of QKV alone; None: attention_bias (Qwen2: true, attention_bias false)
+    qk_norm: bool = False  # RMSNorm on each head of q and k (Qwen3)
     mlp_bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -96,6 +100,7 @@ class OptimConfig:
     min_lr: float = 3e-4  # end of the decay; configs/config.yaml sets it to ${div:${optim.lr},10}
     lr_decay_style: str = "cosine"  # cosine | linear | constant (after linear warmup)
     warmup_steps: int = 20
+    warmup_fraction: Optional[float] = None  # warmup as this fraction of train.steps, instead of warmup_steps
     weight_decay: float = 0.1  # not applied to biases, LayerNorm weights or embeddings
     beta1: float = 0.9
     beta2: float = 0.95
@@ -161,19 +166,51 @@ _cs.store(group="data", name="base_data", node=DataConfig)
 def gpt_config(cfg: Config) -> GPTConfig:
     """The model of this run: the model.* keys, or the shape of the HF model `checkpoint.load` names (whose
     config.json is the model: the user repeats no model.* keys), with this run's training settings."""
-    from megatron_lite.hf import hf_model_config, is_hf_model_dir
+    from megatron_lite.hf_config import hf_model_config, is_hf_model_dir
     from megatron_lite.model import GPTConfig
     m = cfg.model
     training = dict(dropout=m.dropout, sequence_parallel=cfg.parallel.sp, vocab_pad_multiple=m.vocab_pad_multiple,
                     recompute=m.recompute, init_std=m.init_std, seed=cfg.train.seed,
                     tp_comm_overlap=cfg.parallel.tp_comm_overlap)
-    if cfg.checkpoint.load and is_hf_model_dir(cfg.checkpoint.load):
-        return hf_model_config(cfg.checkpoint.load, **training)
-    shape = {k: getattr(m, k) for k in ("seq_len", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
-                                        "head_dim", "ffn_hidden_size", "norm", "norm_eps", "position_embedding",
-                                        "rope_theta", "rope_scaling", "mlp", "attention_bias", "mlp_bias",
-                                        "tie_embeddings")}
+    if cfg.checkpoint.load and is_hf_model_dir(cfg.checkpoint.load):  # the training window is model.seq_len
+        return hf_model_config(cfg.checkpoint.load, seq_len=m.seq_len, **training)
+    shape = {k: getattr(m, k) for k in ("seq_len", "max_seq_len", *SHAPE) if k != "vocab_size"}
     return GPTConfig(vocab_size=cfg.data.vocab_size, **shape, **training)
+
+
+def _record_hf_model(cfg: Config, model: GPTConfig) -> None:
+    """Put the shape of the HF model checkpoint.load names in model.*, so that the run's config.yaml says
+    which model ran (not the preset the command line started from)."""
+    from megatron_lite.hf_config import architecture, read_hf_config
+    for key in ("max_seq_len", *SHAPE):
+        if key != "vocab_size":
+            setattr(cfg.model, key, getattr(model, key))
+    cfg.model.name = f"{architecture(read_hf_config(cfg.checkpoint.load))} from {cfg.checkpoint.load}"
+
+
+def train_dtype(cfg: Config, device_type: str) -> str:
+    """train.dtype resolved: auto is bfloat16 (autocast) on CUDA, float32 elsewhere."""
+    if cfg.train.dtype != "auto":
+        return cfg.train.dtype
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that run but are likely mistakes: one line each, which the trainer logs at the start."""
+    from megatron_lite.hf_config import is_hf_model_dir
+    from megatron_lite.optim import warmup_steps
+    o, steps, found = cfg.optim, cfg.train.steps, []
+    warmup = warmup_steps(o, steps)
+    if warmup >= steps and warmup > 1:
+        key = f"optim.warmup_fraction={o.warmup_fraction:g}" if o.warmup_fraction is not None else "optim.warmup_steps"
+        found.append(f"warning: the warmup ({warmup} steps, {key}) is not shorter than the run (train.steps={steps}): "
+                     f"the learning rate rises for the whole run, to {min(steps, warmup) / warmup:.0%} of optim.lr="
+                     f"{o.lr:g}, and never decays; lower optim.warmup_steps or set optim.warmup_fraction (e.g. 0.03)")
+    if cfg.checkpoint.load and is_hf_model_dir(cfg.checkpoint.load) and o.lr >= 1e-3:
+        found.append(f"warning: optim.lr={o.lr:g} is a pretraining learning rate: it wrecks a pretrained model (checkpoint."
+                     f"load={cfg.checkpoint.load}) in a few steps; fine-tune with +recipe=finetune (optim.lr=2e-5, "
+                     f"warmup 3% of the run, cosine to 10%), unless that model was never trained")
+    return found
 
 
 def dp_size(cfg: Config, world_size: int) -> int:
@@ -249,9 +286,11 @@ def validate(cfg: Config, world_size: int) -> None:
     it also sets data.vocab_size to the tokenizer's, which the model then uses; with an HF model directory as
     checkpoint.load and no data.tokenizer, that directory's tokenizer is the run's."""
     from megatron_lite.data import DataError, check_data
-    from megatron_lite.hf import HFError, architecture, is_hf_model_dir, read_hf_config, weight_files
+    from megatron_lite.hf import weight_files
+    from megatron_lite.hf_config import HFError, architecture, is_hf_model_dir, read_hf_config
     from megatron_lite.model import ModelConfigError
     from megatron_lite.parallel import COLLECTIVE_TIMEOUT_S, ParallelConfigError, check_world_size
+    from megatron_lite.tokenizer import tokenizer_files
 
     for key, known in _unknown_keys(cfg):
         raise ConfigError(f"unknown key {key}: nothing reads it; {known}")
@@ -268,6 +307,12 @@ def validate(cfg: Config, world_size: int) -> None:
         except HFError as e:
             raise ConfigError(str(e)) from None
         if cfg.data.tokenizer is None:
+            try:
+                tokenizer_files(c.load)
+            except DataError as e:
+                raise ConfigError(f"{e}: checkpoint.load={c.load} is a model without a tokenizer: name one with "
+                                  f"data.tokenizer=PATH (a tokenizer.json, a sentencepiece .model or a model "
+                                  f"directory)") from None
             cfg.data.tokenizer = c.load  # fine-tuning: the corpus is tokenized with the model's own tokenizer
     # data (DataConfig's own checks, every path, the tokenizer) before the model's, which need the vocab size
     try:
@@ -285,9 +330,8 @@ def validate(cfg: Config, world_size: int) -> None:
     _need(cfg.data.vocab_size <= model.vocab_size,
           f"data.tokenizer={cfg.data.tokenizer} has {cfg.data.vocab_size} tokens, more than the {model.vocab_size} rows "
           f"of the model's embedding in checkpoint.load={c.load}: use that model's own tokenizer")
-    _need(cfg.model.seq_len <= model.seq_len,
-          f"model.seq_len={cfg.model.seq_len} exceeds the context of the model in checkpoint.load={c.load} "
-          f"({model.seq_len} positions): use model.seq_len<={model.seq_len}")
+    if hf_load:
+        _record_hf_model(cfg, model)
     _check_context_parallel(cfg)
     if cfg.parallel.sp:
         _need(cfg.model.seq_len % cfg.parallel.tp == 0,
@@ -331,6 +375,8 @@ def validate(cfg: Config, world_size: int) -> None:
     _need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     _one_of("optim.lr_decay_style", o.lr_decay_style, ("cosine", "linear", "constant"))
     _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _need(o.warmup_fraction is None or 0 <= o.warmup_fraction <= 1,
+          f"optim.warmup_fraction={o.warmup_fraction} must be in [0, 1] (e.g. 0.03), or null to use optim.warmup_steps")
     _need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     for key in ("beta1", "beta2"):
         _need(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")

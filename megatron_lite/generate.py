@@ -51,8 +51,8 @@ def generate(model, ids: list[int], max_new_tokens: int, *, temperature: float =
              seed: int = 0, eos_id: int | None = None, use_cache: bool = True) -> list[int]:
     """Continue `ids` by up to `max_new_tokens` tokens (stopping after `eos_id`); returns prompt + new tokens.
 
-    The context is the tokens from `start` on. When it outgrows the model's seq_len, `start` jumps so that
-    the newest half is kept (with a KV cache, the cache is rebuilt from them): each token costs O(1)
+    The context is the tokens from `start` on. When it outgrows the model's context (max_seq_len), `start` jumps
+    so that the newest half is kept (with a KV cache, the cache is rebuilt from them): each token costs O(1)
     amortized, and the tokens are the same with and without the cache."""
     c, ctx = model.config, model.ctx
     if ctx.pp_size > 1:
@@ -62,17 +62,18 @@ def generate(model, ids: list[int], max_new_tokens: int, *, temperature: float =
     model.eval()
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
     out = list(ids)
-    start = max(0, len(out) - c.seq_len)
+    context = c.max_seq_len
+    start = max(0, len(out) - context)
     cache, fed = None, 0  # tokens of out[start:] already in the cache
     with model.sequence_parallel_off(), model.context_parallel_off():  # sequences that grow a token at a time
         for _ in range(max_new_tokens):
-            if len(out) - start > c.seq_len:
-                start, cache = len(out) - c.seq_len // 2, None
+            if len(out) - start > context:
+                start, cache = len(out) - context // 2, None
             if not use_cache:
                 logits_Vt = model(torch.tensor([out[start:]], device=ctx.device))[0, -1]
             else:
                 if cache is None:
-                    cache, fed = KVCache(model, 1, min(c.seq_len, len(out) - start + max_new_tokens)), 0
+                    cache, fed = KVCache(model, 1, min(context, len(out) - start + max_new_tokens)), 0
                 logits_Vt = model(torch.tensor([out[start + fed:]], device=ctx.device), cache=cache)[0, -1]
                 fed = len(out) - start
             next_id = _pick(all_gather_last(logits_Vt.contiguous(), ctx.tp_group)[: c.vocab_size].float(),
@@ -101,9 +102,8 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from .checkpoint import CheckpointError, load_model, model_config, resolve
+    from .checkpoint import CheckpointError, checkpoint_tokenizer, load_model, model_config, resolve
     from .parallel import init_parallel
-    from .tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a run directory, a step_NNNNNNN checkpoint directory or an HF model directory")
@@ -115,13 +115,15 @@ def main() -> None:
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the world size)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer.json, .model or model directory (default: the "
+                                                      "checkpoint's own)")
     args = ap.parse_args()
 
     try:  # bad input: one line, before any process group
         ckpt = resolve(args.checkpoint)
         config = model_config(ckpt, sequence_parallel=False)
         config.validate(args.tp or int(os.environ.get("WORLD_SIZE", 1)))
-        tok = load_tokenizer(ckpt)
+        tok = checkpoint_tokenizer(ckpt, args.tokenizer, "--tokenizer PATH")
     except (CheckpointError, ValueError) as e:  # HFError, ModelConfigError, DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

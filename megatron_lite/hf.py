@@ -1,10 +1,10 @@
-"""Hugging Face checkpoints in and out: `GPT2LMHeadModel` and `LlamaForCausalLM` <-> megatron-lite's GPT.
+"""Hugging Face checkpoints in and out: the weights of GPT-2, Llama, Mistral, Qwen2 and Qwen3 <-> megatron-lite's GPT.
 
 In: a local HF model directory (`config.json` + `model.safetensors`, or shards listed in
-`model.safetensors.index.json`). `hf_model_config` maps its config.json to a GPTConfig; `load_hf_weights`
+`model.safetensors.index.json`). `hf_config.hf_model_config` maps its config.json to a GPTConfig; `load_hf_weights`
 fills a GPT in any TP layout, each rank reading only the rows of each tensor it holds (safetensors reads
 slices lazily), so a model larger than one rank's memory loads under TP.
-Out: `hf_state_dict` / `hf_config` turn a T=1 GPT into the tensors and config.json transformers expects,
+Out: `hf_state_dict` / `hf_config.hf_config` turn a T=1 GPT into the tensors and config.json transformers expects,
 with the padded vocabulary rows sliced off; `export.py` writes them.
 
 megatron-lite's layout makes conversion a rename (see model.py): the fused QKV weight is Megatron's grouped
@@ -21,127 +21,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .model import GPT, GPTConfig, RopeScaling
+from .hf_config import (HFError, architecture, export_architecture, hf_config,  # noqa: F401 (re-exported)
+                        hf_model_config, is_hf_model_dir, read_hf_config)
+from .model import GPT, GPTConfig
 from .tensor_parallel import tp_partition_dim
-
-SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM")
-
-
-class HFError(ValueError):
-    """An HF model directory megatron-lite cannot use; the message names the file or value and the fix."""
-
-
-def is_hf_model_dir(path: str | Path) -> bool:
-    """A directory with an HF `config.json` (an `architectures` or `model_type` entry)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and ("architectures" in data or "model_type" in data)
-
-
-def read_hf_config(path: str | Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
-
-
-def architecture(hf: dict, path: str | Path = "config.json") -> str:
-    archs = hf.get("architectures") or {"gpt2": ["GPT2LMHeadModel"], "llama": ["LlamaForCausalLM"]}.get(
-        hf.get("model_type"), [hf.get("model_type")])
-    if archs[0] not in SUPPORTED:
-        raise HFError(f"{path}: architecture {archs[0]!r} is not supported: megatron-lite converts "
-                      f"{' and '.join(SUPPORTED)} (Llama covers Mistral-, SmolLM- and TinyLlama-style checkpoints)")
-    return archs[0]
-
-
-# ------------------------------------------------------------------------------------------- config
-
-
-def hf_model_config(path: str | Path, **overrides) -> GPTConfig:
-    """The GPTConfig of an HF model directory; `overrides` set the fields that are not the model's shape
-    (sequence_parallel, dropout, recompute, seed, ...). seq_len is the model's context length."""
-    hf = read_hf_config(path)
-    fields = (_gpt2_fields if architecture(hf, Path(path) / "config.json") == "GPT2LMHeadModel" else _llama_fields)(hf)
-    return GPTConfig(**{**fields, **overrides})
-
-
-def _gpt2_fields(hf: dict) -> dict:
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise HFError(f"GPT-2 activation_function={act!r} is not supported: megatron-lite's GELU MLP is the tanh "
-                      f"approximation (gelu_new)")
-    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-        raise HFError("GPT-2 with scale_attn_by_inverse_layer_idx or without scale_attn_weights is not supported")
-    return dict(vocab_size=hf["vocab_size"], seq_len=hf["n_positions"], num_layers=hf["n_layer"],
-                hidden_size=hf["n_embd"], num_heads=hf["n_head"], ffn_hidden_size=hf.get("n_inner") or 4 * hf["n_embd"],
-                norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), position_embedding="learned",
-                mlp="gelu", attention_bias=True, mlp_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
-
-
-def _llama_fields(hf: dict) -> dict:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise HFError(f"Llama hidden_act={hf['hidden_act']!r} is not supported: megatron-lite's SwiGLU uses silu")
-    rope = dict(hf.get("rope_parameters") or {})  # transformers 5.x
-    rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))  # 4.x: top-level rope_theta, rope_scaling
-    rope.update({k: v for k, v in (hf.get("rope_scaling") or {}).items() if k not in rope})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise HFError(f"RoPE scaling rope_type={rope_type!r} is not supported: megatron-lite implements the "
-                      f"default and llama3")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise HFError(f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported")
-    scaling = None if rope_type == "default" else RopeScaling(
-        rope_type="llama3", factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-        high_freq_factor=rope["high_freq_factor"],
-        original_max_position_embeddings=rope["original_max_position_embeddings"])
-    heads = hf["num_attention_heads"]
-    return dict(vocab_size=hf["vocab_size"], seq_len=hf.get("max_position_embeddings", 2048),
-                num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_heads=heads,
-                num_kv_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_hidden_size=hf["intermediate_size"],
-                norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), position_embedding="rope",
-                rope_theta=float(rope["rope_theta"]), rope_scaling=scaling, mlp="swiglu",
-                attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-                tie_embeddings=hf.get("tie_word_embeddings", False))
-
-
-def hf_config(c: GPTConfig, *, bos_id: int | None, eos_id: int | None) -> dict:
-    """config.json for the transformers class that computes what `c` does (raises HFError if none does)."""
-    arch = export_architecture(c)
-    common = dict(architectures=[arch], vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings,
-                  bos_token_id=bos_id, eos_token_id=eos_id, dtype="float32", torch_dtype="float32")
-    if arch == "GPT2LMHeadModel":
-        return dict(common, model_type="gpt2", n_positions=c.seq_len, n_embd=c.hidden_size, n_layer=c.num_layers,
-                    n_head=c.num_heads, n_inner=c.ffn_hidden_size, activation_function="gelu_new",
-                    layer_norm_epsilon=c.norm_eps, attn_pdrop=c.dropout, resid_pdrop=c.dropout, embd_pdrop=c.dropout)
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    scaling = None
-    if c.rope_scaling is not None:
-        s = c.rope_scaling
-        scaling = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                       high_freq_factor=s.high_freq_factor,
-                       original_max_position_embeddings=s.original_max_position_embeddings)
-        rope.update(scaling)
-    return dict(common, model_type="llama", hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
-                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-                head_dim=c.head_dim, hidden_act="silu", max_position_embeddings=c.seq_len, rms_norm_eps=c.norm_eps,
-                attention_bias=c.attention_bias, mlp_bias=c.mlp_bias, attention_dropout=c.dropout,
-                rope_theta=c.rope_theta, rope_scaling=scaling,  # transformers 4.x
-                rope_parameters=rope)  # transformers 5.x
-
-
-def export_architecture(c: GPTConfig) -> str:
-    gpt2 = dict(norm="layernorm", position_embedding="learned", mlp="gelu", attention_bias=True, mlp_bias=True)
-    llama = dict(norm="rmsnorm", position_embedding="rope", mlp="swiglu")
-    if all(getattr(c, k) == v for k, v in gpt2.items()) and c.num_kv_heads == c.num_heads:
-        return "GPT2LMHeadModel"
-    if all(getattr(c, k) == v for k, v in llama.items()):
-        return "LlamaForCausalLM"
-    raise HFError(f"no transformers class computes this model (norm={c.norm}, position_embedding="
-                  f"{c.position_embedding}, mlp={c.mlp}, num_kv_heads={c.num_kv_heads}): GPT2LMHeadModel needs "
-                  f"{gpt2} and multi-head attention, LlamaForCausalLM needs {llama}")
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -295,11 +178,14 @@ def _mapping(c: GPTConfig, r: SafetensorsReader | None = None) -> dict:
                       f"{b}.ln_2.weight": Tensor(f"{h}.post_attention_layernorm.weight"),
                       f"{b}.attn.proj.weight": Tensor(f"{h}.self_attn.o_proj.weight"),
                       f"{b}.mlp.proj.weight": Tensor(f"{h}.mlp.down_proj.weight")})
-            for kind in ("weight", "bias") if c.attention_bias else ("weight",):
+            for kind in ("weight", "bias") if c.qkv_bias else ("weight",):
                 m[f"{b}.attn.qkv.{kind}"] = FusedQKV(*(f"{h}.self_attn.{x}_proj.{kind}" for x in "qkv"), c.num_heads,
                                                      c.num_kv_heads, c.head_dim)
             if c.attention_bias:
                 m[f"{b}.attn.proj.bias"] = Tensor(f"{h}.self_attn.o_proj.bias")
+            if c.qk_norm:  # Qwen3
+                m[f"{b}.attn.q_norm.weight"] = Tensor(f"{h}.self_attn.q_norm.weight")
+                m[f"{b}.attn.k_norm.weight"] = Tensor(f"{h}.self_attn.k_norm.weight")
             for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
                 m[f"{b}.mlp.gate_up.{kind}"] = Stacked(f"{h}.mlp.gate_proj.{kind}", f"{h}.mlp.up_proj.{kind}")
             if c.mlp_bias:

@@ -49,7 +49,7 @@ def flops_per_token(c, n_params: int, seq_len: int) -> float:
     embedding is the output layer, the largest matmul of a small GPT: its real rows count."""
     h, padding = c.hidden_size, c.padded_vocab_size - c.vocab_size
     n = n_params - padding * h - (0 if c.tie_embeddings else c.padded_vocab_size * h)
-    n -= c.seq_len * h if c.position_embedding == "learned" else 0
+    n -= c.max_seq_len * h if c.position_embedding == "learned" else 0
     return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 

@@ -6,7 +6,9 @@ module, picked once in the constructor from GPTConfig:
 - positions: learned embeddings added to the input (GPT-2) | rotary embeddings on q and k (Llama), with
   Llama-3 frequency scaling, `position_embedding`, `rope_theta`, `rope_scaling`
 - MLP: tanh-GELU (GPT-2) | SwiGLU (Llama), `mlp`
-- attention: multi-head, or grouped-query with `num_kv_heads` < `num_heads`
+- attention: multi-head, or grouped-query with `num_kv_heads` < `num_heads`; biases on QKV and the output
+  projection (GPT-2), on QKV only (Qwen2, `qkv_bias`) or none (Llama); an RMSNorm on each head of q and k
+  (Qwen3, `qk_norm`: `HeadRMSNorm`)
 The defaults are GPT-2.
 
 Conventions that make Hugging Face conversion a rename, not a permutation (megatron_lite/hf.py):
@@ -37,7 +39,7 @@ from torch import nn
 from .context_parallel import Ring, RingPlan, load_balanced_positions, ring_attention
 from .pipeline_parallel.layout import stage_chunks
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
-                              gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
+                              copy_to_tp, gather_tp_shards, tp_partition_dim, vocab_parallel_cross_entropy)
 from .tensor_parallel.layers import skip_init
 from .tensor_parallel.random import SHARED, TP, RNGTracker, checkpoint
 from .rope_scaling import RopeScaling  # noqa: F401 (its own module: the config schema needs it without torch)
@@ -53,7 +55,8 @@ class ModelConfigError(ValueError):
 @dataclass
 class GPTConfig:
     vocab_size: int = 4096
-    seq_len: int = 256
+    seq_len: int = 256  # the training window (every sequence it trains on)
+    max_seq_len: int | None = None  # the context: learned-position rows, generation's window; None: seq_len
     num_layers: int = 4
     hidden_size: int = 256
     num_heads: int = 4
@@ -66,7 +69,9 @@ class GPTConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     mlp: str = "gelu"  # gelu (tanh approximation, GPT-2) | swiglu
-    attention_bias: bool = True  # biases of the QKV and attention output projections
+    attention_bias: bool = True  # biases of the attention output projection (and of QKV, unless qkv_bias says)
+    qkv_bias: bool | None = None  # biases of the QKV projection; None: attention_bias (Qwen2: QKV only)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3)
     mlp_bias: bool = True  # biases of the MLP projections
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -82,6 +87,10 @@ class GPTConfig:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        if self.max_seq_len is None:
+            self.max_seq_len = self.seq_len
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias
         if self.head_dim is None and self.num_heads and self.hidden_size % self.num_heads == 0:
             self.head_dim = self.hidden_size // self.num_heads
         if isinstance(self.rope_scaling, dict):  # from a checkpoint's meta.json or a Hydra config
@@ -102,6 +111,9 @@ class GPTConfig:
         for key, choices in (("norm", ("layernorm", "rmsnorm")), ("position_embedding", ("learned", "rope")),
                              ("mlp", ("gelu", "swiglu")), ("recompute", ("none", "selective", "full"))):
             need(getattr(self, key) in choices, f"model.{key}={getattr(self, key)!r} must be one of {', '.join(choices)}")
+        need(self.seq_len <= self.max_seq_len,
+             f"model.seq_len={self.seq_len} exceeds the model's context of {self.max_seq_len} positions "
+             f"(max_seq_len): use model.seq_len<={self.max_seq_len}")
         need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         need(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         need(self.head_dim is not None,
@@ -174,7 +186,7 @@ class GPT(nn.Module):
         if first or (last and c.tie_embeddings):  # the last stage's is a copy: the tied output layer's weight
             self.wte = VocabParallelEmbedding(c.padded_vocab_size, c.hidden_size, init_method=normal(_EMBEDDING), **kw)
         if c.position_embedding == "learned" and first:
-            self.wpe = nn.Embedding(c.seq_len, c.hidden_size, _weight=torch.empty(c.seq_len, c.hidden_size,
+            self.wpe = nn.Embedding(c.max_seq_len, c.hidden_size, _weight=torch.empty(c.max_seq_len, c.hidden_size,
                                                                                     device=ctx.device))
             normal(_POSITIONS)(self.wpe.weight.data)
         if c.position_embedding == "rope":
@@ -217,8 +229,8 @@ class GPT(nn.Module):
             positions = ring.positions
         elif positions is None:
             positions = torch.arange(start, start + S, device=tokens.device)
-        if c.position_embedding == "learned" and start + S > c.seq_len:
-            raise ValueError(f"position {start + S - 1} is past the learned positions (model.seq_len={c.seq_len})")
+        if c.position_embedding == "learned" and start + S > c.max_seq_len:
+            raise ValueError(f"position {start + S - 1} is past the learned positions (max_seq_len={c.max_seq_len})")
         sp, group, T = c.sequence_parallel, ctx.tp_group, ctx.tp_size
         if sp and (S % T or cache is not None):
             raise ValueError(f"sequence parallelism needs a whole sequence divisible by TP={T} (got {S} tokens"
@@ -365,8 +377,10 @@ class Attention(nn.Module):
         self.config, self.layer = c, layer
         self.q_per_group = c.num_heads // c.num_kv_heads
         qkv_features = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        self.qkv = ColumnParallelLinear(c.hidden_size, qkv_features, bias=c.attention_bias,
+        self.qkv = ColumnParallelLinear(c.hidden_size, qkv_features, bias=c.qkv_bias,
                                         overlap_grad_reduce=c.tp_comm_overlap, init_method=normal, **kw)
+        self.q_norm, self.k_norm = (HeadRMSNorm(c, **kw), HeadRMSNorm(c, **kw)) if c.qk_norm else (nn.Identity(),
+                                                                                                 nn.Identity())
         self.proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias,
                                       init_method=residual_out, **kw)
 
@@ -382,6 +396,7 @@ class Attention(nn.Module):
         q_SBGtQD, k_SBGt1D, v_SBGt1D = qkv_SBX.view(S, B, -1, Q + 2, c.head_dim).split([Q, 1, 1], dim=3)
         q_BNtSD = q_SBGtQD.permute(1, 2, 3, 0, 4).flatten(1, 2)  # query heads g*Q .. g*Q + Q-1
         k_BGtSD, v_BGtSD = k_SBGt1D.squeeze(3).permute(1, 2, 0, 3), v_SBGt1D.squeeze(3).permute(1, 2, 0, 3)
+        q_BNtSD, k_BGtSD = self.q_norm(q_BNtSD), self.k_norm(k_BGtSD)  # Qwen3; identities otherwise
         if rope is not None:
             q_BNtSD, k_BGtSD = apply_rotary(q_BNtSD, *rope), apply_rotary(k_BGtSD, *rope)
         if cache is not None:
@@ -449,17 +464,38 @@ class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back before the weight (as HF's
     LlamaRMSNorm, so bf16 results match too)."""
 
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, device=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device))
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rms_norm(x, weight, eps: float):
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class HeadRMSNorm(RMSNorm):
+    """Qwen3's q_norm and k_norm: an RMSNorm over each head's D features, one `[D]` weight shared by every head.
+
+    A TP rank normalizes its own heads only, so its gradient of the shared weight is a partial sum over TP. Under
+    SP, optim.finalize_model_grads sums it over TP with the other replicated parameters (whose gradients cover a
+    rank's own tokens there); without SP, Megatron's `f` on the weight does (identity forward, all-reduce of the
+    gradient backward), so the gradient leaves backward whole, like every other replicated one."""
+
+    def __init__(self, c: GPTConfig, tp_group, sequence_parallel: bool, device=None):
+        super().__init__(c.head_dim, c.norm_eps, device)
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+
+    def forward(self, x_BNtSD):
+        weight = self.weight if self.sequence_parallel else copy_to_tp(self.weight, self.tp_group)
+        return rms_norm(x_BNtSD, weight, self.eps)
 
 
 def make_norm(c: GPTConfig) -> nn.Module:

@@ -46,13 +46,19 @@ def build_optimizer(model: nn.Module, o, ctx, zero: int = 0, **kwargs):
     return Optimizer(model, o, ctx)
 
 
+def warmup_steps(o, total_steps: int) -> int:
+    """optim.warmup_fraction of the run when it is set, else optim.warmup_steps."""
+    return o.warmup_steps if o.warmup_fraction is None else round(o.warmup_fraction * total_steps)
+
+
 def lr_at(step: int, o, total_steps: int) -> float:
-    """Linear warmup to optim.lr over warmup_steps, then decay to optim.min_lr at total_steps."""
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.lr_decay_style == "constant" or total_steps <= o.warmup_steps:
+    """Linear warmup to optim.lr over the warmup steps, then decay to optim.min_lr at total_steps."""
+    warmup = warmup_steps(o, total_steps)
+    if step < warmup:
+        return o.lr * (step + 1) / warmup
+    if o.lr_decay_style == "constant" or total_steps <= warmup:
         return o.lr
-    progress = min(1.0, (step - o.warmup_steps) / (total_steps - o.warmup_steps))
+    progress = min(1.0, (step - warmup) / (total_steps - warmup))
     if o.lr_decay_style == "linear":
         return o.min_lr + (o.lr - o.min_lr) * (1 - progress)
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))

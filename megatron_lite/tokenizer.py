@@ -31,6 +31,10 @@ MAX_LINE_CHARS = 4096  # longer lines (data blobs) are left out of tokenizer tra
 SP_THREADS = 2  # stored in the .model file, so it must be a constant for the file to be byte-identical
 SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
 HF_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json", "config.json")
+# the other files of an HF tokenizer, kept with it (data cache, checkpoints, exports) for transformers' sake: the
+# chat template, added tokens, the slow tokenizers' vocabularies
+HF_EXTRA = ("chat_template.jinja", "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json",
+            "merges.txt", "vocab.txt")
 PROBE = ("def f(x):\n    return x + 1  # añadir ☃ 日本語\nclass A(B):\n\tpass\n\n\nThe quick, brown fox.\n(1, 2)\n"
          "\"quoted\" 123 4567\n#include <x>\n</s> <n> <|endoftext|>\n  indented\r\nwindows line\r\n}\n")
 # Special tokens of well-known models, tried in order when no config file names them.
@@ -169,6 +173,7 @@ class HFTokenizer(Tokenizer):
                 configs[name] = json.loads((json_path.parent / name).read_text())
                 if name != "config.json":  # the model's config is not the tokenizer's: not saved with it
                     self.files[name] = json_path.parent / name
+        self.files.update({name: json_path.parent / name for name in HF_EXTRA if (json_path.parent / name).is_file()})
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         self.chosen = eos_token is not None or bos_token is not None  # by data.eos_token / data.bos_token
         self.eos_id, eos_why = self._choose(json_path, configs, "eos", EOS_NAMES, eos_token)

@@ -24,12 +24,12 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer, load_model
-from .config import Config, gpt_config, grad_accum_steps
+from .config import Config, config_warnings, gpt_config, grad_accum_steps, train_dtype
 from .context_parallel import shard_batch
 from .data import TokenizedCorpus, dp_sample_indices, prepare_corpus
 from .data.packing import make_windows
 from .generate import generate
-from .hf import architecture, is_hf_model_dir, read_hf_config
+from .hf_config import architecture, is_hf_model_dir, read_hf_config
 from .metrics import MetricsLogger
 from .model import GPT
 from .optim import build_optimizer, lr_at
@@ -94,6 +94,8 @@ def _train(cfg: Config, ctx: ParallelContext, guard: RunGuard) -> None:
         else:
             log.info(f"resumed from {source} at step {state.step} ({state.consumed_samples} samples consumed)")
     log.start(model, state.step, optimizer_state_bytes=opt.state_bytes())
+    for warning in config_warnings(cfg):
+        log.info(warning)
     if ctx.is_first_rank:
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
     guard.write_status("running")
@@ -197,10 +199,7 @@ def _sample(model: GPT, corpus: TokenizedCorpus, cfg: Config, log: MetricsLogger
 
 
 def _autocast(cfg: Config, ctx: ParallelContext):
-    dtype = cfg.train.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if ctx.device.type == "cuda" else "float32"
-    if dtype == "float32":
+    if train_dtype(cfg, ctx.device.type) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
 

@@ -53,12 +53,14 @@ FAILING = {
                    ["model.dropout=0.1 with parallel.cp=2", "set model.dropout=0"]),
     "lr_negative": ([TRAIN, "parallel.tp=1", "optim.lr=-1"], {}, ["optim.lr=-1"]),
     # Hugging Face model directories (made by the `cli` fixture under {hf}) as checkpoint.load
-    "hf_architecture": ([TRAIN, "parallel.tp=1", "checkpoint.load={hf}/mistral"], {},
-                        ["architecture 'MistralForCausalLM' is not supported", "GPT2LMHeadModel and LlamaForCausalLM"]),
+    "hf_architecture": ([TRAIN, "parallel.tp=1", "checkpoint.load={hf}/gemma"], {},
+                        ["architecture 'GemmaForCausalLM' is not supported",
+                         "GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"]),
     "hf_missing_weights": ([TRAIN, "parallel.tp=1", "checkpoint.load={hf}/llama_sharded"], {},
                            ["llama_sharded/model-00002-of-00002.safetensors is missing"]),
     "hf_no_tokenizer": ([TRAIN, "checkpoint.load={hf}/llama"], {},
-                        ["tokenizer directory", "/llama holds no tokenizer: looked for tokenizer.json"]),
+                        ["tokenizer directory", "/llama holds no tokenizer: looked for tokenizer.json",
+                         "name one with data.tokenizer=PATH"]),
     "hf_tp_split": ([TRAIN, "parallel.tp=4", "checkpoint.load={hf}/llama_tokenizer"], {"WORLD_SIZE": "4"},
                     ["model.num_heads=4 and model.num_kv_heads=2 must both be divisible by parallel.tp=4",
                      "valid tp: 1, 2"]),
@@ -84,7 +86,7 @@ def _hf_dirs(root: Path) -> Path:
     from tokenizers import Tokenizer, models
     llama = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320)
-    for name, config in (("mistral", dict(llama, architectures=["MistralForCausalLM"], model_type="mistral")),
+    for name, config in (("gemma", dict(llama, architectures=["GemmaForCausalLM"], model_type="gemma")),
                          ("llama_sharded", llama), ("llama", llama), ("llama_tokenizer", llama)):
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text(json.dumps(config))

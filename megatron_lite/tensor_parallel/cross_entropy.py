@@ -19,8 +19,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, group, ignore_index, vocab_size):
         Vt = logits.shape[-1]
-        T, r = dist.get_world_size(group), dist.get_rank(group)
-        start = r * Vt
+        start = dist.get_rank(group) * Vt
         # Columns >= vocab_size are padding (the vocabulary is padded to a fixed multiple): at -inf they weigh
         # nothing in the sum and the softmax, so padding never changes the loss or gets a gradient.
         n_valid = Vt if vocab_size is None else max(0, min(Vt, vocab_size - start))
