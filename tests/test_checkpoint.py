@@ -67,47 +67,64 @@ def assert_close(got: dict, want: dict, steps, rel: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1 + 4. Interrupted after step 4's checkpoint, killed in the middle of step 6's save, relaunched.
+# 1 + 4 + 5. Killed in the middle of step 8's save, with step 6's checkpoint since cut short on disk; relaunched.
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def resumed(ref, tmp_path_factory) -> Path:
-    """The reference's run dir as a job killed while saving step 6 leaves it, relaunched with the same run_dir.
+def resumed(ref, tmp_path_factory) -> dict:
+    """The reference's run dir as a job killed while saving step 8 leaves it, whose step 6 checkpoint was then
+    damaged (a shard truncated), relaunched with the same run_dir: it must skip the partial save, name the
+    damaged shard, fall back to step 4 and train steps 5..8 again to the same floats.
 
-    What a kill during a save leaves: `step_0000006.tmp/` holding the shards written so far (one of them
-    cut short), without DCP's `.metadata` (written last, once every rank is done) or `meta.json` (written at
-    the rename); nothing of step 8; metrics.jsonl and train.log as far as the run got (here: to step 8)."""
+    What a kill during a save leaves: `step_0000008.tmp/` holding the shards written so far (one of them cut
+    short), without DCP's `.metadata` (written last, once every rank is done) or `meta.json` (written at the
+    rename); metrics.jsonl and train.log as far as the run got (here: to step 8)."""
     run = copy_run(ref, tmp_path_factory.mktemp("resumed") / "run")
     shutil.rmtree(step_dir(run, 8))
-    shutil.rmtree(step_dir(run, 6))
-    partial = shutil.copytree(step_dir(ref, 6), step_dir(run, 6).with_name("step_0000006.tmp"))
+    partial = shutil.copytree(step_dir(ref, 8), step_dir(run, 8).with_name("step_0000008.tmp"))
     for name in (".metadata", "meta.json", "tokenizer.model"):
         (partial / name).unlink()
     truncate(partial / "__1_0.distcp")
+    shard = step_dir(run, 6) / "__1_0.distcp"
+    cut, size = truncate(shard)
     (run / "train.log").write_text(train_log(run) + "=== killed ===\n")
     torchrun(4, *BASE, *DP2TP2, f"run_dir={run}")
-    return run
+    return dict(run=run, log=train_log(run).split("=== killed ===\n")[1], shard=shard, cut=cut, size=size)
 
 
 def test_resume_after_interruption_is_bitwise_identical(ref, resumed):
-    log = train_log(resumed).split("=== killed ===\n")[1]
-    assert f"resumed from {step_dir(resumed, 4)} at step 4 (32 samples consumed)" in log
+    run, log = resumed["run"], resumed["log"]
+    assert f"resumed from {step_dir(run, 4)} at step 4 (32 samples consumed)" in log
     # metrics.jsonl was trimmed to step 4 and steps 5..8 logged again: each step exactly once
-    assert loss_steps(resumed) == list(range(1, STEPS + 1))
-    assert [m["step"] for m in metrics(resumed) if "val_loss" in m] == [STEPS]
-    assert losses(resumed) == losses(ref)  # bitwise: the same floats
-    assert [m for m in metrics(resumed) if "val_loss" in m] == [m for m in metrics(ref) if "val_loss" in m]
+    assert loss_steps(run) == list(range(1, STEPS + 1))
+    assert [m["step"] for m in metrics(run) if "val_loss" in m] == [STEPS]
+    assert losses(run) == losses(ref)  # bitwise: the same floats
+    assert [m for m in metrics(run) if "val_loss" in m] == [m for m in metrics(ref) if "val_loss" in m]
 
 
-def test_save_killed_half_way_resumes_from_previous_checkpoint(resumed):
+def test_save_killed_half_way_is_never_a_candidate_and_is_saved_again(resumed):
     from megatron_lite.checkpoint import verify
-    log = train_log(resumed).split("=== killed ===\n")[1]
-    assert re.search(r"resumed from \S+/step_0000004 at step 4", log), log
-    assert "step_0000006.tmp" not in log  # the partial save is never a candidate
-    # the partial save was cleaned up, and step 6 was saved again, completely
-    assert ckpt_names(resumed) == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]
-    for step in (6, 8):
-        verify(step_dir(resumed, step))
+    run, log = resumed["run"], resumed["log"]
+    assert "step_0000008.tmp" not in log  # the partial save is never a candidate
+    # the partial save was cleaned up, and step 8 was saved again, completely
+    assert ckpt_names(run) == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]
+    verify(step_dir(run, 8))
+
+
+def test_truncated_shard_falls_back_to_older_checkpoint(resumed):
+    run, shard = resumed["run"], resumed["shard"]
+    warning = (f"warning: checkpoint {step_dir(run, 6)} is damaged: shard {shard} is truncated ({resumed['cut']} "
+               f"of {resumed['size']} bytes); falling back to an older checkpoint")
+    assert warning in resumed["log"], resumed["log"]
+    print("\n" + warning)
+
+
+def test_save_replaces_damaged_checkpoint_of_same_step(resumed):
+    """After falling back from a damaged step 6 and training past it again, step 6 is the new, intact save."""
+    from megatron_lite.checkpoint import verify
+    run = resumed["run"]
+    assert "saved checkpoint " + str(step_dir(run, 6)) in resumed["log"]
+    verify(step_dir(run, 6))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,7 +138,10 @@ LAYOUTS = {  # name: (processes, overrides, load the step dir (else: a run dir w
 }
 
 
-@pytest.mark.parametrize("layout", [pytest.param(n, marks=pytest.mark.slow) if n == "DP4xTP1" else n for n in LAYOUTS])
+# In `-m slow` only: TP4 and DP4 (every layout's reshard is checked in-process in test_zero, test_pipeline and
+# test_context_parallel); the default run keeps the CLI path of `checkpoint.load=<run dir>` on one process.
+@pytest.mark.parametrize("layout", [pytest.param(n, marks=pytest.mark.slow) if n != "single-process" else n
+                                    for n in LAYOUTS])
 def test_load_at_another_layout_continues_the_run(ref, tmp_path, layout):
     nproc, overrides, by_step_dir = LAYOUTS[layout]
     source = step_dir(ref, 4)
@@ -200,39 +220,8 @@ def test_worker_killed_mid_run_restarts_and_matches(ref, tmp_path, zero):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. A truncated shard: resume=auto names the file and falls back; checkpoint.load of it fails naming it.
+# 5. checkpoint.load of a truncated shard fails naming it (resume=auto falls back: the `resumed` fixture).
 # ---------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def truncated(ref, tmp_path_factory):
-    run = copy_run(ref, tmp_path_factory.mktemp("truncated") / "run")
-    shard = step_dir(run, 8) / "__1_0.distcp"
-    cut, size = truncate(shard)
-    (run / "train.log").write_text(train_log(run) + "=== truncated ===\n")
-    proc = torchrun(4, *BASE, *DP2TP2, f"run_dir={run}")
-    return run, shard, cut, size, proc
-
-
-def test_truncated_shard_falls_back_to_older_checkpoint(ref, truncated):
-    run, shard, cut, size, proc = truncated
-    log = train_log(run).split("=== truncated ===\n")[1]
-    warning = (f"warning: checkpoint {step_dir(run, 8)} is damaged: shard {shard} is truncated ({cut} of "
-               f"{size} bytes); falling back to an older checkpoint")
-    assert warning in log, log
-    print("\n" + warning)
-    assert f"resumed from {step_dir(run, 6)} at step 6" in log
-    assert loss_steps(run) == list(range(1, STEPS + 1))
-    assert losses(run) == losses(ref)
-
-
-def test_save_replaces_damaged_checkpoint_of_same_step(truncated):
-    """After falling back from a damaged step 8 and training to step 8 again, step 8 is the new, intact save."""
-    from megatron_lite.checkpoint import verify
-    run, shard, *_ = truncated
-    assert "saved checkpoint " + str(step_dir(run, 8)) in train_log(run).split("=== truncated ===\n")[1]
-    assert ckpt_names(run) == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]  # no .tmp left
-    verify(step_dir(run, 8))
-
 
 def test_load_of_truncated_checkpoint_fails_naming_the_file(ref, tmp_path):
     damaged = shutil.copytree(step_dir(ref, 8), tmp_path / "ckpt" / "step_0000008")

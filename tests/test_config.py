@@ -76,6 +76,10 @@ FAILING = {
                         {}, ["run_dir=runs/none", "--rdzv-id"]),
 }
 HYDRA = {"unknown_key", "bad_type"}  # the rest are ours: one `error: ...` line and status 2
+# In `-m slow` only (each a process start, ~3 s of a 2-core machine): rules test_validate_* checks in-process;
+# the default run keeps one CLI case of each kind of rule.
+SLOW_CLI = {"num_heads", "ffn", "seq_len_sp", "hidden_heads", "lr_negative", "data_paths_missing", "cp_seq_len_sp",
+            "cp_world", "hf_no_tokenizer", "bad_type"}
 PASSING = {"cfg_job": ([TRAIN, "--cfg", "job"], {}, [])}  # composes and prints the config, runs nothing
 
 
@@ -114,8 +118,10 @@ def _run(case, tmp: Path, hf: Path):
 
 
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    cases = {**FAILING, **PASSING}
+def cli(tmp_path_factory, request):
+    """The selected cases, run concurrently (those `-m` leaves out are not run)."""
+    rejects = {item.callspec.params["name"] for item in request.session.items if item.originalname == "test_cli_rejects"}
+    cases = {name: case for name, case in {**FAILING, **PASSING}.items() if name in rejects or name in PASSING}
     base = tmp_path_factory.mktemp("cli")
     hf = _hf_dirs(tmp_path_factory.mktemp("hf"))
     with ThreadPoolExecutor(4) as pool:
@@ -123,7 +129,7 @@ def cli(tmp_path_factory):
         return {name: f.result() for name, f in futures.items()}
 
 
-@pytest.mark.parametrize("name", sorted(FAILING))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CLI else n for n in sorted(FAILING)])
 def test_cli_rejects(cli, name):
     rc, out, err, left = cli[name]
     assert rc != 0, out

@@ -264,6 +264,7 @@ def finetuned(tmp_path_factory):
                 export_stdout=exported.stdout)
 
 
+@pytest.mark.slow  # the default run fine-tunes, evaluates, exports and generates by the README in test_finetune
 def test_finetune_an_hf_model_at_dp2_tp2_sp_on_its_own_tokenizer(finetuned):
     from megatron_lite.tokenizer import load_tokenizer
     run, hf_dir, log = finetuned["run"], finetuned["hf_dir"], finetuned["log"]
@@ -294,6 +295,7 @@ def _greedy_hf_and_ours(hf_path: Path, ours_path: Path, prompt: str, n: int) -> 
     return tok.decode(ref[0], skip_special_tokens=True), text, ours.stderr.strip()
 
 
+@pytest.mark.slow  # greedy text equal to transformers' in the default run: test_greedy_generation_with_kv_cache...
 def test_finetuned_export_loads_in_transformers_and_greedy_text_matches_ours(finetuned):
     out = finetuned["out"]
     assert f"-> {out} (LlamaForCausalLM, float32)" in finetuned["export_stdout"]

@@ -51,6 +51,7 @@ def test_end_to_end_pp2_tp2_sp_trains_evaluates_and_samples(e2e):
     assert re.search(r"^sample:\ndef ", out, re.M), out[-2000:]
 
 
+@pytest.mark.slow  # PP checkpoints resume in every layout in test_pipeline's world; CLI resume: test_checkpoint
 def test_end_to_end_resume_is_bitwise(e2e, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(e2e, run)

@@ -33,9 +33,9 @@ LAYOUTS = {
     "dp1_tp4_sp": (4, ["parallel.tp=4", "parallel.sp=true"], 1),
     "dp2_tp1": (2, ["parallel.tp=1"], 2),
 }
-# In `-m slow` only: SP off and TP=4 are checked against T=1 numerically in test_model, test_hf and test_zero;
-# the default run keeps DP x TP + SP and pure DP end to end.
-SLOW_LAYOUTS = {"dp2_tp2_nosp", "dp1_tp4_sp"}
+# In `-m slow` only: SP off and TP=4 are checked against T=1 numerically in test_model, test_hf and test_zero,
+# pure DP in test_zero; the default run keeps DP x TP + SP end to end.
+SLOW_LAYOUTS = {"dp2_tp2_nosp", "dp1_tp4_sp", "dp2_tp1"}
 
 
 def _layouts(names):
@@ -145,7 +145,7 @@ def test_dp2_tp2_sp_trains_and_writes_run_dir(tmp_path):
     assert (run_dir / "checkpoints" / "step_0000010").is_dir()  # saved at the end
 
 
-@pytest.mark.slow  # the default run trains a Llama at DP2 x TP2 + SP in test_hf's fine-tuning test
+@pytest.mark.slow  # the default run fine-tunes a Llama at TP3 + SP in test_finetune (the README's commands)
 def test_llama_tiny_dp2_tp2_sp_trains_and_samples(tmp_path):
     """The Llama family end to end: model=llama-tiny (RMSNorm, RoPE, SwiGLU, 4 query heads on 2 KV heads)
     at DP=2 x TP=2 + SP; the loss falls and the closing sample (KV cache, SP off) is printed."""
@@ -195,6 +195,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.slow  # the grid's rank formula at every layout: test_parallel; this is the two-agent rendezvous
 def test_two_nodes_train_as_one_grid(tmp_path, reference):
     """Two torchrun agents (`--nnodes=2 --nproc_per_node=2`, c10d rendezvous on localhost) form one
     DP=2 x TP=2 world: each "node" holds one TP group, DP spans the nodes."""

@@ -12,6 +12,7 @@ import heapq
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -32,14 +33,24 @@ from .readers import tasks
 class _Pool(ProcessPoolExecutor):
     """Workers born with SIGINT blocked: Ctrl-C reaches the terminal's whole process group, and a worker still
     starting its interpreter would die of it with a 'Fatal Python error' traceback; blocked (the mask survives
-    fork and exec), it stays pending until init_worker has set the worker to ignore it."""
+    fork and exec), it stays pending until init_worker has set the worker to ignore it. The parent defers its own
+    Ctrl-C until the worker's start is done: another of its threads may take the signal despite the main
+    thread's mask, and a KeyboardInterrupt half-way through the start would leave the new worker reading a
+    truncated start message (an `EOFError` traceback)."""
 
     def _spawn_process(self):
+        deferred = []
+        main = threading.current_thread() is threading.main_thread()
+        handler = signal.signal(signal.SIGINT, lambda *_: deferred.append(True)) if main else None
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             super()._spawn_process()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            if main:
+                signal.signal(signal.SIGINT, handler)
+                if deferred:
+                    signal.raise_signal(signal.SIGINT)
 
 
 @contextmanager
