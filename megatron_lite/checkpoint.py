@@ -244,8 +244,9 @@ def _rng_to_load(saved: dict, path: Path, model, ctx, log) -> dict[str, str]:
             if key in saved and list(saved[key].size) == list(state.shape):
                 found[stream] = key
                 break
-    if not found and any(k.startswith("rng.") for k in saved):
-        kinds = sorted({k.split(".")[1] for k in saved if k.startswith("rng.")} - {"shared", "tp"})
+    # this device's streams but none for this rank's place in the layout (another PP or TP size): they keep their seed
+    kinds = sorted({k.split(".")[1] for k in saved if k.startswith("rng.")} - {"shared", "tp"})
+    if not found and kinds != [ctx.device.type] and any(k.startswith("rng.") for k in saved):
         step = read_meta(path).get("step", 0) if (path / "meta.json").is_file() else 0
         model.rng = model.rng.reseeded(1000003 * (step + 1))
         saved_on = ", ".join(kinds) or "not named, of another size: an older checkpoint's"

@@ -120,7 +120,7 @@ def test_sigterm_stops_every_stage_at_the_same_step_with_a_checkpoint(tmp_path):
     assert loss_steps(run) == list(range(1, stop + 1))  # the loss of every step, from the last stage, up to it
     ckpt = run / "checkpoints" / f"step_{stop:07d}"
     verify(ckpt)  # every stage wrote its shards of that one step
-    assert read_meta(ckpt)["layout"] == {"dp": 1, "tp": 2, "sp": True, "pp": 2, "pp_virtual": 1}
+    assert read_meta(ckpt)["layout"] == {"dp": 1, "tp": 2, "sp": True, "cp": 1, "pp": 2, "pp_virtual": 1}
 
 
 @pytest.mark.slow

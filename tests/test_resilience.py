@@ -201,7 +201,9 @@ def test_failed_async_save_stops_every_rank_at_the_next_step(tmp_path):
     assert len(errors) == 1, out[-4000:]
     print("\n" + errors[0])
     assert "does not exist (none saved yet); removed the partial step_0000002.tmp" in errors[0]
-    assert 2 < max(loss_steps(run)) < 8  # reported at a later step, not waited for at once, not left behind
+    # learned from a later step's stop votes (read with that step's loss, before its update, so the run ends with
+    # step 2's update as the last one), not left behind
+    assert 2 <= max(loss_steps(run)) < 8
     assert not (run / "checkpoints").exists() or ckpt_names(run) == []
 
 
