@@ -30,8 +30,10 @@ def _worker(rank, world_size, port, fn, args):
 # The ranks are forked from a forkserver that has imported torch and megatron-lite once for the whole session
 # (spawned, each rank imported them anew: ~3 s of a 2-core machine per rank); like spawn, and unlike fork, a rank
 # starts from a clean single-threaded process, never from a copy of pytest's.
+# transformers' model modules too (~4 s a process; ranks of the HF tests build them; skipped when not installed).
 mp.set_forkserver_preload(["torch", "torch.distributed.checkpoint", "megatron_lite.model", "megatron_lite.optim",
-                           "megatron_lite.checkpoint"])
+                           "megatron_lite.checkpoint", "transformers",
+                           *(f"transformers.models.{m}.modeling_{m}" for m in ("gpt2", "llama", "mistral", "qwen2", "qwen3"))])
 
 
 def run_distributed(fn, world_size: int, *args) -> None:

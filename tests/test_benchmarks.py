@@ -84,6 +84,7 @@ def test_collectives_equal_theory_and_activation_memory_equals_adapted_table2():
     run_distributed(_comm_and_memory_worker, 4)
 
 
+@pytest.mark.slow  # the sections' output and numbers: the section tests here; this is `make bench`'s own CLI
 def test_cli_writes_json_with_the_machine_and_skips_mfu_without_gpu(tmp_path):
     out = tmp_path / "bench.json"
     run.main(["--quick", "--sections", "5,7", "--device", "cpu", "--out", str(out)])

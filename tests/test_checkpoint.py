@@ -172,7 +172,9 @@ def test_load_at_another_layout_continues_the_run(ref, tmp_path, layout):
 # (pytorch/pytorch#135712): megatron_lite.parallel prefixes the store's keys per restart.
 # With the distributed optimizer (zero=1, the default run's case) the restarted workers gather nothing: each
 # loads its own ranges of the AdamW moments from the layout-free checkpoint.
-@pytest.mark.parametrize("zero", [pytest.param(0, marks=pytest.mark.slow), 1])
+# In `-m slow` only (~20 s): resuming from the newest complete checkpoint after a kill is test_resume_after_...;
+# this adds torchrun's restart of the whole group in one job.
+@pytest.mark.parametrize("zero", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow)])
 def test_worker_killed_mid_run_restarts_and_matches(ref, tmp_path, zero):
     run = tmp_path / "run"
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=4", "--max-restarts=1", "--monitor-interval=0.2",

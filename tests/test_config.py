@@ -78,8 +78,9 @@ FAILING = {
 HYDRA = {"unknown_key", "bad_type"}  # the rest are ours: one `error: ...` line and status 2
 # In `-m slow` only (each a process start, ~3 s of a 2-core machine): rules test_validate_* checks in-process;
 # the default run keeps one CLI case of each kind of rule.
-SLOW_CLI = {"num_heads", "ffn", "seq_len_sp", "hidden_heads", "lr_negative", "data_paths_missing", "cp_seq_len_sp",
-            "cp_world", "hf_no_tokenizer", "bad_type"}
+SLOW_CLI = {"num_heads", "ffn", "seq_len_sp", "hidden_heads", "lr_zero", "lr_negative", "global_batch",
+            "data_paths_missing", "cp_seq_len_sp", "cp_world", "cp_dropout", "hf_no_tokenizer", "hf_missing_weights",
+            "bad_type"}
 PASSING = {"cfg_job": ([TRAIN, "--cfg", "job"], {}, [])}  # composes and prints the config, runs nothing
 
 
