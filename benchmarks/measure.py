@@ -19,6 +19,7 @@ from megatron_lite.comm_count import CollectiveCounter
 from megatron_lite.model import GPT, GPTConfig
 from megatron_lite.optim import finalize_model_grads
 from megatron_lite.parallel import build_parallel_context
+from megatron_lite.tensor_parallel import mappings
 from megatron_lite.tensor_parallel.mappings import reduce_scatter_dim0
 from megatron_lite.tensor_parallel.random import checkpoint
 
@@ -67,8 +68,66 @@ def ab_worker(device, shapes: dict[str, dict], micro_batch: int, warmup: int, st
                             for name, (step, model, opt) in contenders.items()}
             arith = {name: (p["matmul_ms"] + p["attention_ms"]) / 1e3 for name, p in r["profile"].items() if p}
             r["vs_arithmetic"] = {name: med[name] / a for name, a in arith.items()}
+            r["decomposition"] = _decompose(device, ml, contenders["megatron-lite"][2], cfg, micro_batch,
+                                            min(steps, 8), med["megatron-lite"], arith.get("megatron-lite"))
             out[f"{shape_name}, SP {'on' if sp else 'off'}"] = r
             del ml, dt, contenders
+    return out
+
+
+class _NoCollectives:
+    """Stand-ins for torch's functional collectives that move nothing and wait for no one: all-reduce keeps this
+    rank's tensor, all-gather repeats it, reduce-scatter keeps its first block. Wrong numbers on purpose: a step
+    run with them costs its arithmetic and its local overhead, without the communication and the waits."""
+
+    def all_reduce_(self, x, op, group_name):
+        return x
+
+    all_reduce = all_reduce_
+
+    def all_gather_into_tensor(self, x, world, group_name):
+        return x.repeat(world, *[1] * (x.dim() - 1))
+
+    def reduce_scatter_tensor(self, x, op, world, group_name):
+        return x.chunk(world)[0]
+
+    def wait_tensor(self, x):
+        return x
+
+
+@contextlib.contextmanager
+def no_tp_collectives():
+    """Every TP/SP collective of megatron-lite's layers, embedding and loss replaced by `_NoCollectives`."""
+    saved, mappings._c10d = mappings._c10d, _NoCollectives()
+    try:
+        yield
+    finally:
+        mappings._c10d = saved
+
+
+def _local_step(model, opt, tokens, targets) -> float:
+    """`ml_step` without `finalize_model_grads` (its only work is SP's all-reduce of the replicated grads)."""
+    loss = model(tokens, targets)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _decompose(device, model, opt, cfg, micro_batch: int, steps: int, step_s: float, arithmetic_s: float | None):
+    """megatron-lite's step = arithmetic (matmuls + attention, profiled) + local overhead (norms, GELU, the loss,
+    AdamW, copies, Python: the step without its collectives, minus the arithmetic) + communication (the TP
+    collectives and the waits for the slower rank at each: the measured step minus the step without them).
+    Run last: the steps without collectives train the model on wrong numbers."""
+    with no_tp_collectives():
+        _local_step(model, opt, *batch(cfg, micro_batch, 0, device))  # warm-up
+        local = slowest_rank([timed(lambda: _local_step(model, opt, *batch(cfg, micro_batch, i, device)), device)
+                              for i in range(steps)], device)
+    local_s = statistics.median(local)
+    out = dict(step_s=step_s, without_collectives_s=local_s, communication_s=step_s - local_s)
+    if arithmetic_s:
+        out.update(arithmetic_s=arithmetic_s, local_overhead_s=local_s - arithmetic_s,
+                   without_collectives_vs_arithmetic=local_s / arithmetic_s)
     return out
 
 

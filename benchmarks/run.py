@@ -125,6 +125,15 @@ def section_peer(rep: Report, args, shapes: dict[str, dict], dev) -> dict:
     rep.table(["shape", "SP", "megatron-lite s/step", "DTensor s/step", "ratio ML/DT", "median paired ratio",
                f"goal <= {GOAL}", "ML vs arithmetic", "DT vs arithmetic", f"goal <= {ARITH_GOAL}",
                "step-0 loss rel diff"], rows)
+    rep("   megatron-lite's step decomposed: the same step with every TP collective replaced by a stand-in that "
+        "moves nothing (benchmarks/measure.py `no_tp_collectives`) leaves its arithmetic and its local overhead; "
+        "the difference to the real step is the communication, including each collective's wait for the slower rank")
+    rep.table(["shape", "SP", "step s", "without collectives s", "communication + waits s", "matmul + attention s",
+               "local overhead s", "without collectives / arithmetic"],
+              [[r["shape"], "on" if r["sp"] else "off", f"{d['step_s']:.3f}", f"{d['without_collectives_s']:.3f}",
+                f"{d['communication_s']:.3f}", f"{d['arithmetic_s']:.3f}", f"{d['local_overhead_s']:.3f}",
+                f"{d['without_collectives_vs_arithmetic']:.2f}"]
+               for r in res.values() for d in [r["decomposition"]] if "arithmetic_s" in d])
     for key, r in res.items():
         for name, prof in r["profile"].items():
             if not prof.get("table"):
@@ -385,8 +394,8 @@ def _ab_table(rep: Report, r: dict) -> None:
 
 def section_guards(rep: Report, args, kw) -> dict:
     b, steps = args.micro_batch, args.opt_steps
-    rep(f"== 8. run guards (megatron_lite/resilience.py): hang watchdog, flight recorder, per-step stop agreement; "
-        f"device cpu")
+    rep("== 8. run guards (megatron_lite/resilience.py): hang watchdog, flight recorder, per-step stop agreement; "
+        "device cpu")
     rep(f"   a. DP2 x TP2 + SP train steps, 4 processes, {shape_str(kw, b)}, AdamW, flight recorder on; bare and "
         f"guarded (arm + agreement) take turns step by step, {steps} steps after 1 warm-up")
     res = launch(guards.step_worker, 4, kw, 2, b, 1, steps)
@@ -509,8 +518,8 @@ def section_pipeline(rep: Report, args, kw) -> list:
     rep.table(["layout", "theory (P-1)/(Vm)", "replay, uniform", "replay, measured", "measured idle (context)",
                "ms/step", "vs PP1"], rows)
     s, h = kw["seq_len"], kw["hidden_size"]
-    rep(f"-- p2p bytes of one step, summed over the ranks, against theory 2 (PV - 1) m s b h x 4 B per pipeline "
-        f"(each TP rank its own pipeline: x T, /T under SP)")
+    rep("-- p2p bytes of one step, summed over the ranks, against theory 2 (PV - 1) m s b h x 4 B per pipeline "
+        "(each TP rank its own pipeline: x T, /T under SP)")
     rows = []
     for r in res[1:]:
         P, V, T, sp = r["P"], r["V"], r["T"], r["sp"]

@@ -1,5 +1,6 @@
 """The benchmark suite's own checks: the DTensor peer equals megatron-lite, collectives equal theory,
 activation memory equals the adapted Korthikanti formula (and falls as 1/T under SP)."""
+import contextlib
 import json
 import math
 
@@ -13,7 +14,8 @@ from megatron_lite.parallel import build_parallel_context
 
 from benchmarks import run, theory
 from benchmarks.dtensor_gpt import build_dtensor_gpt, dtensor_loss_and_backward, full_grad
-from benchmarks.measure import comm_worker, memory_worker
+from benchmarks.measure import comm_worker, memory_worker, no_tp_collectives
+from megatron_lite.comm_count import CollectiveCounter
 
 CFG = dict(vocab_size=256, seq_len=16, num_layers=2, hidden_size=32, num_heads=4, dropout=0.0, seed=7)
 B = 3
@@ -48,6 +50,26 @@ def _peer_worker():
 
 def test_dtensor_peer_computes_megatron_lite_loss_and_gradients_at_T2():
     run_distributed(_peer_worker, 2)
+
+
+def _no_collectives_worker():
+    ctx = build_parallel_context(2)
+    tokens = torch.randint(0, CFG["vocab_size"], (B, CFG["seq_len"]), generator=torch.Generator().manual_seed(5))
+    for sp in (False, True):
+        model = GPT(GPTConfig(**CFG, sequence_parallel=sp), ctx)
+        counted = {}
+        for stand_in in (False, True):
+            with CollectiveCounter() as log, (no_tp_collectives() if stand_in else contextlib.nullcontext()):
+                model(tokens, tokens).backward()
+            counted[stand_in] = len(log.calls)
+            assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters()), (sp, stand_in)
+            model.zero_grad(set_to_none=True)
+        # the decomposition in section 1 is only right if the stand-in leaves no collective behind
+        assert counted[False] > 0 and counted[True] == 0, (sp, counted)
+
+
+def test_section1_step_without_collectives_issues_none_and_runs_every_op():
+    run_distributed(_no_collectives_worker, 2)
 
 
 def _comm_and_memory_worker():
