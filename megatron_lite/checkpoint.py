@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .checkpoint_rng import rng_entries, rng_to_load
 from .checkpoint_shards import sharded_moment
 from .data import DataError
 from .distributed_optimizer import DistributedOptimizer
@@ -196,7 +197,7 @@ def _full_state(model, opt, ctx, copies: bool = True) -> dict:
             sd[f"optim.{n}.exp_avg"] = _global(st["exp_avg"], p, mesh, ctx.tp_size)
             sd[f"optim.{n}.exp_avg_sq"] = _global(st["exp_avg_sq"], p, mesh, ctx.tp_size)
             sd[f"optim.{n}.step"] = st["step"]
-    sd.update(_rng_entries(model.rng.get_states(), ctx))
+    sd.update(rng_entries(model.rng.get_states(), ctx))
     if not copies:
         twice = [f"model.{n}" for n in model.tied_copies()]
         twice += [f"optim.{n}.{k}" for n in model.tied_copies() for k in ("exp_avg", "exp_avg_sq", "step")]
@@ -222,39 +223,6 @@ def _zero_moments(model, opt: DistributedOptimizer, ctx) -> dict:
     return sd
 
 
-def _rng_key(stream: str, ctx, kind: str | None) -> str:
-    """A stream's key: by device type (a CUDA generator's state is 16 bytes, a CPU one's 5056: neither loads into
-    the other; `kind` None: the key of checkpoints from before that), the TP-distinct stream per TP rank, and
-    every stream per pipeline stage (each draws for its own layers; stage 0's keys are those of PP = 1)."""
-    return ("rng." + (f"{kind}." if kind else "") + stream + (f".{ctx.tp_rank}" if stream == "tp" else "")
-            + (f".stage{ctx.pp_rank}" if ctx.pp_rank else ""))
-
-
-def _rng_entries(states: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
-    return {_rng_key(stream, ctx, ctx.device.type): st for stream, st in states.items()}
-
-
-def _rng_to_load(saved: dict, path: Path, model, ctx, log) -> dict[str, str]:
-    """stream -> its key in checkpoint `path`: this device type's entry (or one from before entries were keyed
-    by device, if its size fits). A checkpoint whose streams come from another kind of device reseeds them from
-    the seed and the step, with one log line, so that a GPU run resumes on CPU and back."""
-    found = {}
-    for stream, state in model.rng.get_states().items():
-        for key in (_rng_key(stream, ctx, ctx.device.type), _rng_key(stream, ctx, None)):
-            if key in saved and list(saved[key].size) == list(state.shape):
-                found[stream] = key
-                break
-    # this device's streams but none for this rank's place in the layout (another PP or TP size): they keep their seed
-    kinds = sorted({k.split(".")[1] for k in saved if k.startswith("rng.")} - {"shared", "tp"})
-    if not found and kinds != [ctx.device.type] and any(k.startswith("rng.") for k in saved):
-        step = read_meta(path).get("step", 0) if (path / "meta.json").is_file() else 0
-        model.rng = model.rng.reseeded(1000003 * (step + 1))
-        saved_on = ", ".join(kinds) or "not named, of another size: an older checkpoint's"
-        log(f"checkpoint {path}: its dropout RNG streams come from another kind of device ({saved_on}; this run: "
-            f"{ctx.device.type}): reseeded them from model.seed and step {step}")
-    return found
-
-
 def check_shapes(saved: dict, model, ctx, path: Path) -> None:
     for n, p in model.named_parameters():
         key = f"model.{n}"
@@ -276,13 +244,17 @@ def load_state(path: Path, model, opt, ctx, process_group=None, log=None) -> Non
     saved = verify(path)
     check_shapes(saved, model, ctx, path)
     sd = {k: v for k, v in _full_state(model, opt, ctx).items() if not k.startswith("rng.")}
-    streams = _rng_to_load(saved, path, model, ctx, log or print)
+    streams = rng_to_load(saved, model, ctx, f"checkpoint {path}", lambda: _saved_step(path), log or print)
     sd.update({key: model.rng.get_states()[stream] for stream, key in streams.items()})
     dcp.load(sd, checkpoint_id=str(path), process_group=process_group)
     if isinstance(opt, DistributedOptimizer):  # the moments were loaded in place; the step count was not
         opt.load_step_count({n: sd[f"optim.{n}.step"] for n, _ in model.named_parameters()})
     model.rng.set_states({**model.rng.get_states(), **{stream: sd[key] for stream, key in streams.items()}})
     # (a stream not in the checkpoint, e.g. the TP stream of a TP rank the saving layout did not have, keeps its seed)
+
+
+def _saved_step(path: Path) -> int:
+    return read_meta(path).get("step", 0) if (path / "meta.json").is_file() else 0
 
 
 class Checkpointer:
