@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 from collections import Counter
 
 import torch
@@ -68,8 +69,7 @@ def ab_worker(device, shapes: dict[str, dict], micro_batch: int, warmup: int, st
                             for name, (step, model, opt) in contenders.items()}
             arith = {name: (p["matmul_ms"] + p["attention_ms"]) / 1e3 for name, p in r["profile"].items() if p}
             r["vs_arithmetic"] = {name: med[name] / a for name, a in arith.items()}
-            r["decomposition"] = _decompose(device, ml, contenders["megatron-lite"][2], cfg, micro_batch,
-                                            min(steps, 8), med["megatron-lite"], arith.get("megatron-lite"))
+            r["decomposition"] = _decompose(device, ml, contenders["megatron-lite"][2], cfg, micro_batch, min(steps, 8))
             out[f"{shape_name}, SP {'on' if sp else 'off'}"] = r
             del ml, dt, contenders
     return out
@@ -114,39 +114,67 @@ def _local_step(model, opt, tokens, targets) -> float:
     return loss.item()
 
 
-def _decompose(device, model, opt, cfg, micro_batch: int, steps: int, step_s: float, arithmetic_s: float | None):
-    """megatron-lite's step = arithmetic (matmuls + attention, profiled) + local overhead (norms, GELU, the loss,
-    AdamW, copies, Python: the step without its collectives, minus the arithmetic) + communication (the TP
-    collectives and the waits for the slower rank at each: the measured step minus the step without them).
-    Run last: the steps without collectives train the model on wrong numbers."""
+def _decompose(device, model, opt, cfg, micro_batch: int, steps: int) -> dict:
+    """megatron-lite's step = arithmetic + local overhead + communication. The real step and the step without
+    collectives (`no_tp_collectives`) alternate, so both are timed in the same minutes: their difference is the
+    communication, with each synchronous collective's wait for the slower rank. Then three steps without
+    collectives are profiled: the matmuls' and attention's self time over the profiled step's wall time is the
+    arithmetic's share of it (a share, as a step's speed moves by 10-15% from minute to minute on a shared CPU
+    and the profile is not taken in the same minute), the rest is the local overhead (norms, GELU, the loss,
+    AdamW, copies, Python; the profiler's own cost counts there). Run last: the steps without collectives train
+    the model on wrong numbers."""
+    times = {"step": [], "without collectives": []}
+    for i in range(steps + 1):  # the first pair is a warm-up
+        args = batch(cfg, micro_batch, i, device)
+        for name in (list(times) if i % 2 == 0 else list(times)[::-1]):
+            with no_tp_collectives() if name == "without collectives" else contextlib.nullcontext():
+                fn = ml_step if name == "step" else _local_step
+                t = timed(lambda: fn(model, opt, *args), device)
+            if i:
+                times[name].append(t)
+    step_s, local_s = (statistics.median(slowest_rank(times[k], device)) for k in times)
     with no_tp_collectives():
-        _local_step(model, opt, *batch(cfg, micro_batch, 0, device))  # warm-up
-        local = slowest_rank([timed(lambda: _local_step(model, opt, *batch(cfg, micro_batch, i, device)), device)
-                              for i in range(steps)], device)
-    local_s = statistics.median(local)
+        prof = _profile(device, lambda: _local_step(model, opt, *batch(cfg, micro_batch, 0, device)), table=False)
     out = dict(step_s=step_s, without_collectives_s=local_s, communication_s=step_s - local_s)
-    if arithmetic_s:
+    if prof:  # rank 0
+        arithmetic_s = local_s * prof["arithmetic_share"]
         out.update(arithmetic_s=arithmetic_s, local_overhead_s=local_s - arithmetic_s,
                    without_collectives_vs_arithmetic=local_s / arithmetic_s)
     return out
 
 
-def _profile(device, fn, rows: int = 15, table: bool = True) -> dict:
-    """torch.profiler of one call on rank 0 (every rank runs fn): the top ops by self CPU time (`table`), and the
-    self time spent in matmuls and in attention against the total."""
+def _profile(device, fn, rows: int = 15, table: bool = True, repeats: int = 3) -> dict:
+    """torch.profiler of `repeats` calls on rank 0, each on its own (every rank runs fn): the self time spent in
+    matmuls and in attention and the total, each the median over the calls (one profiled step moves by 10-15% on
+    a shared CPU), and the top ops of the last call by self time (`table`). Times are the CPU's on CPU and the
+    kernels' on CUDA (where an op's CPU time is its launch)."""
     from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     dist.barrier()
     if dist.get_rank() != 0:
-        fn()
+        for _ in range(repeats):
+            fn()
         return {}
-    with profile(activities=acts) as prof:
-        fn()
-    events = prof.key_averages()
-    ms = lambda pred: sum(e.self_cpu_time_total for e in events if pred(e.key)) / 1e3  # noqa: E731
-    return dict(table=events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
-                if table else "", total_ms=ms(lambda k: True), matmul_ms=ms(lambda k: k in ("aten::mm", "aten::addmm", "aten::bmm")),
-                attention_ms=ms(lambda k: k.startswith("aten::_scaled_dot_product")))
+    runs = []
+    for _ in range(repeats):
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            wall_ms = (time.perf_counter() - t0) * 1e3
+        # on CUDA the ops' self device time is their kernels' (the kernels are listed too: not counted twice)
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+        self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+        ms = lambda pred: sum(self_us(e) for e in events if pred(e.key)) / 1e3  # noqa: E731
+        run = dict(total_ms=ms(lambda k: True), matmul_ms=ms(lambda k: k in ("aten::mm", "aten::addmm", "aten::bmm")),
+                   attention_ms=ms(lambda k: k.startswith("aten::_scaled_dot_product")), wall_ms=wall_ms)
+        runs.append(dict(run, arithmetic_share=(run["matmul_ms"] + run["attention_ms"]) / wall_ms))
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["table"] = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=48) if table else ""
+    return out
 
 
 # ---- section 2: collectives against theory ----------------------------------------------------------

@@ -107,7 +107,7 @@ def section_peer(rep: Report, args, shapes: dict[str, dict], dev) -> dict:
     rep(f"== 1. megatron-lite vs PyTorch-native TP (DTensor), T=2, float32, micro-batch {b}, AdamW, no clipping")
     rep(f"   device {dev}; {args.steps} steps after {args.warmup} warm-up, the two alternating step by step in the "
         f"same 2 processes; s/step = median of the slowest rank's step time; vs arithmetic = s/step / the self time "
-        f"of the matmuls and attention in one profiled step (rank 0): the overhead of everything else")
+        f"of the matmuls and attention in a profiled step (rank 0, median of 3): the overhead of everything else")
     for name, kw in shapes.items():
         rep(f"   {name}: {shape_str(kw, b)}")
     res = launch(measure.ab_worker, 2, shapes, b, args.warmup, args.steps, [False, True], args.profile,
@@ -126,8 +126,10 @@ def section_peer(rep: Report, args, shapes: dict[str, dict], dev) -> dict:
                f"goal <= {GOAL}", "ML vs arithmetic", "DT vs arithmetic", f"goal <= {ARITH_GOAL}",
                "step-0 loss rel diff"], rows)
     rep("   megatron-lite's step decomposed: the same step with every TP collective replaced by a stand-in that "
-        "moves nothing (benchmarks/measure.py `no_tp_collectives`) leaves its arithmetic and its local overhead; "
-        "the difference to the real step is the communication, including each collective's wait for the slower rank")
+        "moves nothing (benchmarks/measure.py `no_tp_collectives`), alternating with the real step (8 each), leaves "
+        "its arithmetic and its local overhead; the difference to the real step is the communication, including "
+        "each collective's wait for the slower rank; the arithmetic: the step without collectives x the share of "
+        "matmul + attention self time in its profiled wall time (rank 0, median of 3 profiled steps)")
     rep.table(["shape", "SP", "step s", "without collectives s", "communication + waits s", "matmul + attention s",
                "local overhead s", "without collectives / arithmetic"],
               [[r["shape"], "on" if r["sp"] else "off", f"{d['step_s']:.3f}", f"{d['without_collectives_s']:.3f}",
@@ -138,7 +140,8 @@ def section_peer(rep: Report, args, shapes: dict[str, dict], dev) -> dict:
         for name, prof in r["profile"].items():
             if not prof.get("table"):
                 continue
-            rep(f"-- profile of one step, {name}, {key} (rank 0): self CPU {prof['total_ms']:.0f} ms, of which matmul "
+            rep(f"-- profile of one step, {name}, {key} (rank 0; times: medians of 3 profiled steps, the table: the "
+                f"last): self {'device' if dev != 'cpu' else 'CPU'} {prof['total_ms']:.0f} ms, of which matmul "
                 f"{prof['matmul_ms']:.0f} ms + attention {prof['attention_ms']:.0f} ms = "
                 f"{100 * (prof['matmul_ms'] + prof['attention_ms']) / prof['total_ms']:.0f}%")
             for line in prof["table"].splitlines():
