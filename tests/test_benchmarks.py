@@ -108,9 +108,16 @@ def test_collectives_equal_theory_and_activation_memory_equals_adapted_table2():
 
 @pytest.mark.slow  # the sections' output and numbers: the section tests here; this is `make bench`'s own CLI
 def test_cli_writes_json_with_the_machine_and_skips_mfu_without_gpu(tmp_path):
+    """`make bench`'s CLI at --quick shapes: sections 1 (the peer, the decomposition), 5 (MFU: skipped) and 7."""
     out = tmp_path / "bench.json"
-    run.main(["--quick", "--sections", "5,7", "--device", "cpu", "--out", str(out)])
+    run.main(["--quick", "--sections", "1,5,7", "--device", "cpu", "--out", str(out)])
     res = json.loads(out.read_text())
+    # section 1 runs end to end: both contenders computed the same loss, and the profiler found the matmuls and
+    # attention by the op names the arithmetic is summed from (a renamed op would make it 0)
+    for key, r in res["peer"].items():
+        assert r["loss_rel_diff"] < 1e-5, (key, r["loss_step0"])
+        prof = r["profile"]["megatron-lite"]
+        assert prof["matmul_ms"] > 0 and prof["attention_ms"] > 0 and r["decomposition"]["arithmetic_s"] > 0, (key, prof)
     assert res["mfu"] == {"skipped": "no GPU"}
     assert res["machine"]["cores"] >= 1 and res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
     assert any("skipped: no GPU" in line for line in res["report"])
