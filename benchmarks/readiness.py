@@ -74,31 +74,22 @@ def cross_entropy_memory(ctx, S: int, B: int, Vt: int, V: int, dtype: torch.dtyp
                 padding_grad=logits.grad[..., mine.shape[-1]:].abs().max().item() if mine.shape[-1] < Vt else 0.0)
 
 
-def ddp_bytes(ctx, kw: dict, tries: int = 3) -> dict:
+def ddp_bytes(ctx, kw: dict) -> dict:
     """Bytes held once backward is done (activations freed), model and optimizer built inside: weights,
-    gradients, DDP's buckets, AdamW's moments; per parameter. zero=0 with DP > 1 (DDP).
-
-    The least of `tries` measurements: the profiler records the allocator's events on the threads it follows,
-    and when gloo's worker thread drops the last reference to DDP's first buckets (replaced after the first
-    backward), their free goes unrecorded and a bucket's size (4 B/param) looks held. A missed event can only
-    add bytes, so the least is the measurement."""
-    best = None
-    for _ in range(tries):
-        with AllocationPeak() as held:
-            model = GPT(GPTConfig(**kw), ctx)
-            opt = build_optimizer(model, OPTIM, ctx)
-            for step in range(3):  # DDP rebuilds its buckets after the first backward: the third is the steady state
-                opt.module(*tokens(kw, seed=ctx.dp_rank + 2 * step)).backward()
-                if step < 2:
-                    opt.step()
-                    opt.zero_grad()
-        # every rank the same choice (the least over ranks of each try would mix tries)
-        net = torch.tensor([held.net], dtype=torch.float64)
-        dist.all_reduce(net, op=dist.ReduceOp.MAX, group=ctx.dp_group)
-        best = net.item() if best is None else min(best, net.item())
-        del model, opt
-    params = sum(p.numel() for p in GPT(GPTConfig(**kw), ctx, init_weights=False).parameters())
-    return dict(params=params, held=int(best), per_param=best / params)
+    gradients, DDP's buckets, AdamW's moments; per parameter. zero=0 with DP > 1 (DDP). DDP's first buckets,
+    replaced after the first backward, are often freed by gloo's worker thread: AllocationPeak counts that."""
+    with AllocationPeak() as held:
+        model = GPT(GPTConfig(**kw), ctx)
+        opt = build_optimizer(model, OPTIM, ctx)
+        for step in range(3):  # DDP rebuilds its buckets after the first backward: the third is the steady state
+            opt.module(*tokens(kw, seed=ctx.dp_rank + 2 * step)).backward()
+            if step < 2:
+                opt.step()
+                opt.zero_grad()
+    net = torch.tensor([held.net], dtype=torch.float64)
+    dist.all_reduce(net, op=dist.ReduceOp.MAX, group=ctx.dp_group)  # the rank that holds the most
+    params = sum(p.numel() for p in model.parameters())
+    return dict(params=params, held=int(net.item()), per_param=net.item() / params)
 
 
 def zero_checkpoint_memory(ctx, kw: dict, root: Path, group, bucket_bytes: int) -> dict:

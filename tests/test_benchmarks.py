@@ -3,6 +3,7 @@ activation memory equals the adapted Korthikanti formula (and falls as 1/T under
 import contextlib
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from megatron_lite.optim import finalize_model_grads
 from megatron_lite.parallel import build_parallel_context
 
 from benchmarks import run, theory
+from benchmarks.host_memory import AllocationPeak
 from benchmarks.dtensor_gpt import build_dtensor_gpt, dtensor_loss_and_backward, full_grad
 from benchmarks.measure import comm_worker, memory_worker, no_tp_collectives
 from megatron_lite.comm_count import CollectiveCounter
@@ -98,6 +100,24 @@ def _comm_and_memory_worker():
             assert r["bytes"] == adapted, (r, adapted)
             if r["sp"]:  # sequence parallelism: every saved activation is split, so memory falls as 1/T exactly
                 assert r["bytes"] * r["T"] == per_T1[r["recompute"]], r
+
+
+def test_allocation_peak_counts_what_a_region_keeps_and_frees_on_any_thread():
+    """The DDP bytes per parameter were once 20 instead of 16: gloo's worker thread freed DDP's first buckets,
+    the profiler records events on the threads it follows only, and the free went missing."""
+    with AllocationPeak() as m:
+        kept = [torch.empty(1000), torch.empty(10)]
+    assert (m.peak, m.net, m.largest) == (4040, 4040, 4000)
+    box = [None]
+    with AllocationPeak() as m:
+        box[0] = torch.empty(1 << 20)
+        worker = threading.Thread(target=box.clear)  # the last reference dies on another thread
+        worker.start()
+        worker.join()
+    assert (m.peak, m.net) == (4 << 20, 0)
+    with AllocationPeak() as m:  # tensors held before the region, freed in it
+        del kept
+    assert (m.peak, m.net) == (0, -4040)
 
 
 def test_collectives_equal_theory_and_activation_memory_equals_adapted_table2():
