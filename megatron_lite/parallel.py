@@ -179,13 +179,15 @@ def build_parallel_context(tp_size: int, device: torch.device | None = None, wor
     check_world_size(world, tp_size, cp_size, pp_size)
     dp_size = world // (tp_size * cp_size * pp_size)
     grid = torch.arange(world).view(pp_size, dp_size, cp_size, tp_size)
+    device = device or default_device()
+    timeout = world_timeout(device)
 
     def groups_along(*dims: int) -> dist.ProcessGroup | None:
         """One group per combination of the other indices; returns this rank's."""
         rows = grid.movedim(dims, tuple(range(4 - len(dims), 4))).reshape(-1, math.prod(grid.shape[d] for d in dims))
         mine = None
         for row in rows.tolist():  # every rank creates every group, in the same order
-            group = dist.new_group(row)
+            group = dist.new_group(row, timeout=timeout)
             if rank in row:
                 mine = group
         return mine
@@ -196,7 +198,8 @@ def build_parallel_context(tp_size: int, device: torch.device | None = None, wor
     dp_cp_group = groups_along(1, 2) if cp_size > 1 else dp_group
     embedding_group = None
     for row in grid[sorted({0, pp_size - 1})].movedim(0, -1).reshape(-1, min(pp_size, 2)).tolist():
-        group = dist.new_group(row)  # the first and the last stage: a tied embedding's gradient is summed here
+        # the first and the last stage: a tied embedding's gradient is summed here
+        group = dist.new_group(row, timeout=timeout)
         if rank in row:
             embedding_group = group
     if rank >= world:
@@ -204,9 +207,20 @@ def build_parallel_context(tp_size: int, device: torch.device | None = None, wor
     pp_rank, dp_rank, cp_rank, tp_rank = (int(i) for i in (grid == rank).nonzero()[0])
     return ParallelContext(
         tp_group=tp_group, dp_group=dp_group, tp_rank=tp_rank, tp_size=tp_size, dp_rank=dp_rank, dp_size=dp_size,
-        rank=rank, world_size=world, device=device or default_device(), grid=_nested(grid),
+        rank=rank, world_size=world, device=device, grid=_nested(grid),
         cp_group=cp_group, cp_rank=cp_rank, cp_size=cp_size, dp_cp_group=dp_cp_group,
         pp_group=pp_group, pp_rank=pp_rank, pp_size=pp_size, embedding_group=embedding_group)
+
+
+def world_timeout(device: torch.device) -> timedelta | None:
+    """The timeout the world was initialized with (init_distributed's `timeout_s`). new_group does not inherit
+    it: a group gets torch's default instead (30 minutes on gloo), so a TP, DP or PP collective would wait far
+    longer than the world's, and than the watchdog's bound in config.validate assumes. None (torch's default)
+    where the backend does not say."""
+    try:
+        return dist.group.WORLD._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):  # a private attribute: a backend without options, or a future torch
+        return None
 
 
 def _nested(grid: torch.Tensor) -> tuple:

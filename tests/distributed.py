@@ -15,12 +15,12 @@ from megatron_lite.parallel import free_port
 
 
 
-def _worker(rank, world_size, port, fn, args):
+def _worker(rank, world_size, port, fn, args, timeout_s=60):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     # A short timeout: if one rank fails, the others give up instead of hanging the suite.
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:
         fn(*args)
     finally:
@@ -36,9 +36,10 @@ mp.set_forkserver_preload(["torch", "torch.distributed.checkpoint", "megatron_li
                            *(f"transformers.models.{m}.modeling_{m}" for m in ("gpt2", "llama", "mistral", "qwen2", "qwen3"))])
 
 
-def run_distributed(fn, world_size: int, *args) -> None:
-    """Call fn(*args) on `world_size` gloo ranks; a failure on any rank fails the caller with its traceback."""
-    mp.start_processes(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True,
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 60) -> None:
+    """Call fn(*args) on `world_size` gloo ranks; a failure on any rank fails the caller with its traceback.
+    `timeout_s`: the world's collective timeout."""
+    mp.start_processes(_worker, args=(world_size, free_port(), fn, args, timeout_s), nprocs=world_size, join=True,
                        start_method="forkserver")
 
 

@@ -3,6 +3,7 @@ rank = ((pp * DP + dp) * CP + cp) * TP + tp says, checked by summing each rank's
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -57,6 +58,28 @@ def _check_layouts(world: int) -> None:
 
 def test_groups_follow_the_formula():
     run_distributed(_check_layouts, 8, 8)
+
+
+def _timeout_of_the_groups() -> None:
+    """Rank 1 stays away from a TP all-reduce: rank 0's must fail after the world's 1 s, not torch's 30 minutes
+    (new_group's default). Rank 1 joins late, at 6 s, so that without the fix rank 0's all-reduce completes then
+    instead of hanging the suite. (No barrier after: a rank that timed out leaves the others' collectives too.)"""
+    ctx = build_parallel_context(2, torch.device("cpu"))
+    start = time.monotonic()
+    if ctx.tp_rank == 1:
+        time.sleep(6)
+    try:
+        dist.all_reduce(torch.ones(1), group=ctx.tp_group)
+        failed = False
+    except RuntimeError:  # gloo: "Timed out waiting 1000ms for recv operation to complete"
+        failed = True
+    elapsed = time.monotonic() - start
+    if ctx.tp_rank == 0:
+        assert failed and elapsed < 4, (failed, elapsed)
+
+
+def test_the_groups_time_out_with_the_world():
+    run_distributed(_timeout_of_the_groups, 2, timeout_s=1)
 
 
 def test_world_size_must_divide():
