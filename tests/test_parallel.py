@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,14 +61,17 @@ def test_groups_follow_the_formula():
     run_distributed(_check_layouts, 8, 8)
 
 
-def _timeout_of_the_groups() -> None:
+def _timeout_of_the_groups(done: str) -> None:
     """Rank 1 stays away from a TP all-reduce: rank 0's must fail after the world's 1 s, not torch's 30 minutes
-    (new_group's default). Rank 1 joins late, at 6 s, so that without the fix rank 0's all-reduce completes then
-    instead of hanging the suite. (No barrier after: a rank that timed out leaves the others' collectives too.)"""
+    (new_group's default). Rank 0 then leaves a file; without it by 6 s, rank 1 joins, so that without the fix
+    rank 0's all-reduce completes late instead of hanging the suite."""
     ctx = build_parallel_context(2, torch.device("cpu"))
     start = time.monotonic()
     if ctx.tp_rank == 1:
-        time.sleep(6)
+        while not Path(done).exists() and time.monotonic() - start < 6:
+            time.sleep(0.05)
+        if Path(done).exists():
+            return
     try:
         dist.all_reduce(torch.ones(1), group=ctx.tp_group)
         failed = False
@@ -75,11 +79,12 @@ def _timeout_of_the_groups() -> None:
         failed = True
     elapsed = time.monotonic() - start
     if ctx.tp_rank == 0:
+        Path(done).touch()
         assert failed and elapsed < 4, (failed, elapsed)
 
 
-def test_the_groups_time_out_with_the_world():
-    run_distributed(_timeout_of_the_groups, 2, timeout_s=1)
+def test_the_groups_time_out_with_the_world(tmp_path):
+    run_distributed(_timeout_of_the_groups, 2, str(tmp_path / "rank0_done"), timeout_s=1)
 
 
 def test_world_size_must_divide():
