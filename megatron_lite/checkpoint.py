@@ -41,6 +41,7 @@ from .data import DataError
 from .distributed_optimizer import DistributedOptimizer
 from .config import train_dtype
 from .hf import hf_model_config, is_hf_model_dir, load_hf_weights
+from .parallel import world_timeout
 from .hf_config import read_source_files, write_source_files
 from .tensor_parallel import tp_partition_dim
 from .tokenizer import load_tokenizer
@@ -267,8 +268,10 @@ class Checkpointer:
         # the config.json and generation_config.json of the HF model the run descends from, for every checkpoint
         self.source_files: dict[str, bytes] = {}
         self.saved_step: int | None = None  # the newest step saved by this launch, agreed
-        # Async saves talk on their own group, so the background thread never races the training collectives.
-        self.group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
+        # Async saves talk on their own group, so the background thread never races the training collectives;
+        # it times out with the world, as the grid's groups do.
+        self.group = (dist.new_group(backend="gloo", timeout=world_timeout(ctx.device))
+                      if cfg.checkpoint.async_save else None)
 
     def resume_source(self) -> Path | None:
         """This run's newest intact checkpoint (resume=auto), else checkpoint.load, else None."""
