@@ -87,6 +87,21 @@ def test_the_groups_time_out_with_the_world(tmp_path):
     run_distributed(_timeout_of_the_groups, 2, str(tmp_path / "rank0_done"), timeout_s=1)
 
 
+def _rank_0_stalls_while_rank_1_waits_in_an_all_reduce() -> None:
+    if dist.get_rank() == 0:
+        time.sleep(60)
+    dist.all_reduce(torch.ones(1))
+
+
+def test_a_hung_test_world_fails_at_its_deadline_naming_where_each_rank_is():
+    """The harness itself (tests/distributed.py): a hang fails its test in seconds, not the suite in 30 minutes."""
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"(?s)still running after 3 s.*rank 0: .*line \d+ in _rank_0_stalls.*"
+                                           r"rank 1: .*all_reduce.*line \d+ in _rank_0_stalls"):
+        run_distributed(_rank_0_stalls_while_rank_1_waits_in_an_all_reduce, 2, deadline_s=3)
+    assert time.monotonic() - start < 30
+
+
 def test_world_size_must_divide():
     check_world_size(8, 2, 2, 2)
     with pytest.raises(ParallelConfigError, match=r"world size 6 is not divisible by parallel.tp=2 x parallel.pp=2 = 4"):
